@@ -1,0 +1,1 @@
+"""Memory-efficient attention kernels, installed as `ulvideo.kernels`."""

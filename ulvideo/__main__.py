@@ -1,0 +1,5 @@
+import sys
+
+from ulvideo.cli import main
+
+sys.exit(main())

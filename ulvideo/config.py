@@ -1,0 +1,365 @@
+"""Configuration: dataclasses hold the only defaults; YAML files and CLI flags hold overrides.
+
+    cfg = load_config("configs/ul/tiny.yaml", ["--train.lr=2e-4", "--data.num_frames=9"])
+
+Loading is strict: an unknown key or a value of the wrong type is a `ConfigError` that names the
+key and the file (or the command-line flag) it came from. A YAML file may start with
+`inherit: other.yaml` (a path relative to it) to layer its overrides on another file's.
+The resolved config is written with every run (`save_config`) and with every export (`to_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be accepted; the message names the key and its source."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema. Every default of the project lives here.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderConfig:
+    size: str = "tiny"  # a name in ulvideo.nets.SIZES; the fields below override it when set
+    latent_channels: int = 16
+    patch_size: int = 1  # spatial-only patching (1 = none, 2 = 2x2)
+    temporal_downsample: int = 4  # 4 -> T = 1 + 4k frames give 1 + k latent frames
+    spatial_downsample: int = 8  # includes the patch size
+
+
+@dataclass
+class PriorConfig:
+    size: str = "tiny"
+    attention: Literal["full", "factorized"] = "full"
+    prediction: Literal["x", "eps", "v"] = "x"
+
+
+@dataclass
+class DecoderConfig:
+    size: str = "tiny"
+    prediction: Literal["x", "eps", "v"] = "v"
+    logsnr_min: float = -15.0
+    logsnr_max: float = 15.0
+    shift: float = 0.0  # simple diffusion's resolution shift, 2*log(base/resolution)
+    loss: Literal["diffusion", "mse"] = "diffusion"  # "mse": the paper's Table-5 ablation
+
+
+@dataclass
+class ULConfig:
+    """Stage-1 objective (ulvideo/ul.py owns these values)."""
+
+    latent_logsnr: float = 5.0  # lambda_0: the fixed noise level of z0
+    prior_logsnr_min: float = -10.0
+    loss_factor: float = 1.5  # c_lf
+    sigmoid_bias: float = 0.0  # b_dec
+    time_sampling: Literal["uniform", "stratified", "antithetic"] = "stratified"
+    rate_hold_steps: int = 0  # prior trains on z_clean.detach() for these steps
+    rate_ramp_steps: int = 0  # then the rate's gradient scale ramps 0 -> 1 over these steps
+    regularizer: Literal["diffusion_prior", "kl_vae"] = "diffusion_prior"
+    kl_weight: float = 1.0  # beta, for regularizer = kl_vae
+    eval_logsnr_samples: int = 32  # K stratified logSNRs per clip for held-out bits
+
+
+@dataclass
+class BaseConfig:
+    """Stage-2 base model."""
+
+    size: str = "tiny"
+    stage1_export: str = ""  # path to a stage-1 export (.safetensors with its .json beside it)
+    prediction: Literal["x", "eps", "v"] = "v"
+    sigmoid_bias: float = 0.0  # b_base
+    text_encoder: str = "minilm"  # "minilm", "none", or a local Hugging Face folder
+    text_max_tokens: int = 32
+    num_classes: int = 0
+    context_frames: int = 0  # latent frames given as clean conditioning (frame prediction)
+    cond_dropout: float = 0.1  # CFG dropout probability
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shapes"  # a folder of videos (recursive) or images, or latent shards
+    kind: Literal["auto", "video", "image", "mixed", "latents"] = "auto"
+    image_path: str = ""  # images for kind = mixed
+    image_ratio: float = 0.0  # fraction of image (T = 1) batches for kind = mixed
+    manifest: str = ""  # CSV or JSONL: path, caption, optional start/end seconds, label
+    num_frames: int = 17  # 1 + 4k
+    frame_stride: int = 1
+    target_fps: float = 0.0  # > 0 picks frames at this rate instead of frame_stride
+    temporal_offset: Literal["random", "center"] = "random"
+    resolution: int = 64  # short side after resize
+    height: int = 64  # crop size
+    width: int = 64
+    crop: Literal["center", "random"] = "center"
+    hflip: bool = False
+    short_video: Literal["skip", "loop"] = "skip"
+    missing_caption: Literal["empty", "skip"] = "empty"
+    backend: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"
+    num_workers: int = 0
+    heldout_fraction: float = 0.0  # files held out for evaluation (by a hash of the path)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations on the held-out set (0 = off)
+    num_clips: int = 8
+    decoder_steps: int = 32
+    fvd_preset: str = ""
+    i3d_weights: str = ""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    torch_adam: bool = True  # False uses DeepSpeed's fused/CPU Adam (compiled at first use)
+    activation_checkpointing: bool = False
+    attention_backend: str = "auto"
+    log_every: int = 10
+    recon_every: int = 200
+    ckpt_every: int = 200
+    keep_last: int = 3
+    max_nonfinite_skips: int = 20
+
+
+@dataclass
+class Config:
+    stage: Literal["ul", "base"] = "ul"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    ul: ULConfig = field(default_factory=ULConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict merging of plain data into the schema.
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expect: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' expects {expect}, got {value!r} ({type(value).__name__})")
+
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            if arm is type(None) and value is None:
+                return None
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, key, source)
+            except ConfigError:
+                pass
+        raise fail(_type_name(tp))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise fail(_type_name(tp))
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise fail(f"{len(args)} items")
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise fail(_type_name(tp))  # pragma: no cover - schema uses only the types above
+
+
+def merge(obj: Any, data: dict, source: str, prefix: str = "") -> Any:
+    """Return a copy of dataclass `obj` with `data` (nested dicts) merged in, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    updates = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            updates[key] = merge(current, value, source, dotted + ".")
+        else:
+            updates[key] = _coerce(value, hints[key], dotted, source)
+    return dataclasses.replace(obj, **updates)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The layers of a YAML file, inherited ones first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'inherit' cycle through {', '.join(map(str, seen))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    layers: list[tuple[dict, str]] = []
+    parent = data.pop("inherit", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: key 'inherit' expects a path string")
+        layers += _read_yaml(path.parent / parent, seen + (path,))
+    layers.append((data, str(path)))
+    return layers
+
+
+def parse_override(flag: str) -> dict:
+    """'--train.lr=2e-4' -> {'train': {'lr': 2e-4}} (the value is read as YAML)."""
+    text = flag[2:] if flag.startswith("--") else flag
+    if "=" not in text:
+        raise ConfigError(f"command line: override '{flag}' must look like --section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: bad override key in '{flag}'")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        for data, source in _read_yaml(Path(path)):
+            cfg = merge(cfg, data, source)
+    for flag in overrides:
+        cfg = merge(cfg, parse_override(flag), f"command line '{flag}'")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys that the types alone cannot express, before any compute starts."""
+    d = cfg.data
+    if d.num_frames < 1 or (d.num_frames - 1) % cfg.encoder.temporal_downsample:
+        raise ConfigError(
+            f"data.num_frames = {d.num_frames}: frames must be 1 + {cfg.encoder.temporal_downsample}k "
+            "(the causal encoder maps 1 + 4k frames to 1 + k latent frames)"
+        )
+    for name in ("height", "width"):
+        if getattr(d, name) % cfg.encoder.spatial_downsample:
+            raise ConfigError(
+                f"data.{name} = {getattr(d, name)} must be a multiple of encoder.spatial_downsample "
+                f"= {cfg.encoder.spatial_downsample}"
+            )
+    t = cfg.train
+    if t.micro_batch_size < 1 or t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size = {t.global_batch_size} must be a positive multiple of "
+            f"train.micro_batch_size = {t.micro_batch_size}"
+        )
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage = {t.zero_stage} must be 0, 1, 2 or 3")
+    if not cfg.ul.prior_logsnr_min < cfg.ul.latent_logsnr:
+        raise ConfigError("ul.prior_logsnr_min must be below ul.latent_logsnr")
+    if not cfg.decoder.logsnr_min < cfg.decoder.logsnr_max:
+        raise ConfigError("decoder.logsnr_min must be below decoder.logsnr_max")
+    if not 0.0 <= d.image_ratio <= 1.0:
+        raise ConfigError(f"data.image_ratio = {d.image_ratio} must lie in [0, 1]")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dicts and lists (tuples become lists), ready for YAML or JSON."""
+    return _asdict(cfg)
+
+
+def _asdict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _asdict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_asdict(x) for x in obj]
+    return obj
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    cfg = merge(Config(), data, source)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (YAML, or JSON when the name ends in .json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    data = to_dict(cfg)
+    with open(tmp, "w") as f:
+        if path.suffix == ".json":
+            json.dump(data, f, indent=2, sort_keys=False)
+        else:
+            yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)
