@@ -23,6 +23,11 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LN2 = math.log(2.0)
 
 
+def _out(value: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Schedule outputs are float32, or float64 when asked in float64 (for exact checks)."""
+    return value.double() if t.dtype == torch.float64 else value.float()
+
+
 def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, ...) matching `like`'s rank."""
     return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
@@ -73,23 +78,24 @@ class CosineSchedule:
         return u0, u1
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        return _out(self._logsnr(t.double()), t)
+
+    def _logsnr(self, t: torch.Tensor) -> torch.Tensor:
         u0, u1 = self._u
-        t = t.double()
         out = -2.0 * torch.log(torch.tan(u0 + t * (u1 - u0))) + self.shift
         # pin the endpoints exactly (tan/atan round-off would leave ~1e-15)
         out = torch.where(t == 0, torch.full_like(out, self.logsnr_max), out)
         out = torch.where(t == 1, torch.full_like(out, self.logsnr_min), out)
-        return out.float()
+        return out
 
     def dlogsnr_dt(self, t: torch.Tensor) -> torch.Tensor:
         u0, u1 = self._u
-        t = t.double()
-        return (-4.0 * (u1 - u0) / torch.sin(2.0 * (u0 + t * (u1 - u0)))).float()
+        return _out(-4.0 * (u1 - u0) / torch.sin(2.0 * (u0 + t.double() * (u1 - u0))), t)
 
     def t_of_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
         u0, u1 = self._u
         u = torch.atan(torch.exp(-(logsnr.double() - self.shift) / 2))
-        return ((u - u0) / (u1 - u0)).float()
+        return _out((u - u0) / (u1 - u0), logsnr)
 
 
 @dataclass(frozen=True)
@@ -105,13 +111,13 @@ class LinearSchedule:
             raise ValueError(f"logsnr_min {self.logsnr_min} must be below logsnr_max {self.logsnr_max}")
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
-        return (self.logsnr_max + t.double() * (self.logsnr_min - self.logsnr_max)).float()
+        return _out(self.logsnr_max + t.double() * (self.logsnr_min - self.logsnr_max), t)
 
     def dlogsnr_dt(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(t, self.logsnr_min - self.logsnr_max, dtype=torch.float32)
+        return _out(torch.full_like(t, self.logsnr_min - self.logsnr_max, dtype=torch.float64), t)
 
     def t_of_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
-        return ((logsnr.double() - self.logsnr_max) / (self.logsnr_min - self.logsnr_max)).float()
+        return _out((logsnr.double() - self.logsnr_max) / (self.logsnr_min - self.logsnr_max), logsnr)
 
 
 Schedule = CosineSchedule | LinearSchedule
