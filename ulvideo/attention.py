@@ -1,0 +1,224 @@
+"""The one door to attention: every network calls `attention`, never a kernel directly.
+
+Tensor convention (stated once, here): q is (B, heads, Nq, head_dim), k and v are
+(B, heads, Nk, head_dim) (Nk may differ from Nq: cross-attention), the output is
+(B, heads, Nq, head_dim). `mask` is a bool tensor broadcastable to (B, heads, Nq, Nk), True = may
+attend. `causal=True` allows key j for query i iff block(j) <= block(i) with
+block = index // causal_block, top-left aligned as in torch SDPA's `is_causal`; causal_block = 1 is
+token-causal, causal_block = tokens_per_frame is block-causal in time without materialising a
+(N, N) mask (same result as `mask=block_causal_mask(...)`). A query row with no allowed key gets
+output 0 and zero gradient on every backend (never NaN).
+
+Backends (all agree with `ulvideo.kernels.reference.naive_attention` in tests):
+  sdpa      torch.nn.functional.scaled_dot_product_attention (fused flash / memory-efficient
+            kernels on CUDA and CPU when no mask, a materialised mask otherwise)
+  chunked   O(N)-memory online-softmax PyTorch implementation with a chunk-recomputing backward,
+            any device, arbitrary masks (`ulvideo.kernels.chunked`)
+  triton    Triton flash-attention forward + backward (CUDA; CPU only under TRITON_INTERPRET=1)
+  xformers  xformers.ops.memory_efficient_attention (CUDA with xformers installed)
+  naive     the O(N²) reference (tests and benchmarks)
+
+Choice, first match wins: the `backend=` argument; the environment variable ULVIDEO_ATTENTION;
+`set_backend(...)` (training calls it with `train.attention_backend`); otherwise "auto":
+SDPA whenever it needs no large dense mask (no mask, token-causal, or a mask with at most
+`DENSE_MASK_LIMIT` elements), else the O(N) kernel (Triton on CUDA when installed, chunked otherwise).
+The backend chosen is logged once per (backend, device type, reason).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ulvideo.kernels.reference import causal_allowed, dense_mask, naive_attention
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "attention",
+    "available_backends",
+    "block_causal_mask",
+    "get_backend",
+    "key_padding_mask",
+    "resolve_backend",
+    "set_backend",
+]
+
+BACKENDS = ("auto", "sdpa", "chunked", "triton", "xformers", "naive")
+ENV_VAR = "ULVIDEO_ATTENTION"
+# A dense (Nq, Nk) mask this large (bool; SDPA turns it into a float bias, 4 B/element) is where
+# auto stops using SDPA-with-mask and switches to a kernel that never materialises it:
+# 2**24 elements = a 4096 x 4096 mask, 64 MiB as float32.
+DENSE_MASK_LIMIT = 1 << 24
+
+log = logging.getLogger(__name__)
+_configured: str | None = None
+_logged: set[tuple[str, str, str]] = set()
+
+
+def block_causal_mask(num_frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
+    """(N, N) bool with N = num_frames * tokens_per_frame (frame-major token order): token i may
+    attend token j iff frame(j) <= frame(i). Broadcasts against (B, heads, N, N)."""
+    if num_frames < 1 or tokens_per_frame < 1:
+        raise ValueError(f"num_frames and tokens_per_frame must be >= 1, got {num_frames}, {tokens_per_frame}")
+    n = num_frames * tokens_per_frame
+    return causal_allowed(n, n, tokens_per_frame, device)
+
+
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """valid: bool (B, Nk), True for real tokens (e.g. text tokens before padding) -> (B, 1, 1, Nk)."""
+    if valid.dtype != torch.bool or valid.dim() != 2:
+        raise ValueError(f"key_padding_mask wants a bool (B, Nk) tensor, got {valid.dtype} {tuple(valid.shape)}")
+    return valid[:, None, None, :]
+
+
+def set_backend(name: str | None) -> None:
+    """Process-wide backend choice (from `train.attention_backend`); None or "auto" restores auto."""
+    global _configured
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    _configured = None if name in (None, "auto") else name
+
+
+def get_backend() -> str:
+    """The requested backend before per-call resolution: env var, then set_backend, then "auto"."""
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={env!r} is not one of {BACKENDS}")
+        return env
+    return _configured or "auto"
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    # Triton's interpreter runs the same kernels on CPU tensors (slow; for tests only).
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def _xformers_usable(device: torch.device) -> bool:
+    # xformers has no CPU kernels; only look for it where it could run.
+    return device.type == "cuda" and importlib.util.find_spec("xformers") is not None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device` in this process (not counting "auto")."""
+    device = torch.device(device)
+    names = ["sdpa", "chunked", "naive"]
+    if _triton_usable(device):
+        names.append("triton")
+    if _xformers_usable(device):
+        names.append("xformers")
+    return names
+
+
+def _dense_mask_elements(mask: torch.Tensor | None, causal: bool, causal_block: int, nq: int, nk: int) -> int:
+    """Elements of the mask SDPA would have to be given (0 when it needs none)."""
+    if causal and (causal_block > 1 or mask is not None):
+        lead = 1 if mask is None else math.prod(mask.shape[:-2]) if mask.dim() > 2 else 1
+        return lead * nq * nk
+    return 0 if mask is None else mask.numel()
+
+
+def resolve_backend(q, k, mask=None, causal=False, causal_block=1, backend=None) -> tuple[str, str]:
+    """(backend, reason) for this call, following the precedence in the module docstring."""
+    device = q.device
+    usable = available_backends(device)
+    source = "argument"
+    requested = backend
+    if requested is None:
+        requested = get_backend()
+        source = f"env {ENV_VAR}" if os.environ.get(ENV_VAR, "").strip() else "set_backend"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
+    if requested != "auto":
+        if requested in usable:
+            return requested, f"requested by {source}"
+        msg = f"attention backend {requested!r} is not usable on {device.type} here (usable: {usable})"
+        if source == "argument":
+            raise RuntimeError(msg)
+        reason = msg + "; fell back to auto"
+    else:
+        reason = "auto"
+    dense = _dense_mask_elements(mask, causal, causal_block, q.shape[-2], k.shape[-2])
+    if dense <= DENSE_MASK_LIMIT:
+        return "sdpa", reason + (f": mask of {dense} elements" if dense else ": no dense mask needed")
+    fast = "triton" if device.type == "cuda" and "triton" in usable else "chunked"
+    return fast, reason + f": a dense mask would have {dense} > {DENSE_MASK_LIMIT} elements"
+
+
+def _log_once(name: str, device: torch.device, reason: str) -> None:
+    key = (name, device.type, reason)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("attention backend %s on %s (%s)", name, device.type, reason)
+
+
+def _check(q, k, v, mask, causal_block) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, heads, N, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if causal_block < 1:
+        raise ValueError(f"causal_block must be >= 1, got {causal_block}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool (True = may attend), got {mask.dtype}")
+        if mask.dim() > 4:
+            raise ValueError(f"mask has {mask.dim()} dims; at most 4 (B, heads, Nq, Nk)")
+        try:
+            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        except RuntimeError as e:
+            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to (B, heads, Nq, Nk)") from e
+
+
+def _sdpa(q, k, v, mask, causal, causal_block, scale):
+    if mask is None and (not causal or causal_block == 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    allowed = dense_mask(mask, causal, causal_block, q.shape[-2], k.shape[-2], q.device)
+    # Kernels differ on rows with no allowed key (0 on some, NaN on others, NaN gradients that leak
+    # into dK/dV). Let such rows attend everything, then zero their output: 0, and no gradient.
+    has_key = allowed.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=scale)
+    return out * has_key.to(out.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_block: int = 1,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale, masked) v -> (B, heads, Nq, head_dim); scale defaults to head_dim^-1/2."""
+    _check(q, k, v, mask, causal_block)
+    name, reason = resolve_backend(q, k, mask, causal, causal_block, backend)
+    _log_once(name, q.device, reason)
+    if name == "sdpa":
+        return _sdpa(q, k, v, mask, causal, causal_block, scale)
+    if name == "naive":
+        return naive_attention(q, k, v, mask, causal, causal_block, scale)
+    if name == "chunked":
+        from ulvideo.kernels.chunked import chunked_attention
+
+        return chunked_attention(q, k, v, mask=mask, causal=causal, causal_block=causal_block, scale=scale)
+    if name == "triton":
+        from ulvideo.kernels.triton_flash import triton_attention
+
+        return triton_attention(q, k, v, mask=mask, causal=causal, causal_block=causal_block, scale=scale)
+    from ulvideo.kernels.xformers_attention import xformers_attention
+
+    return xformers_attention(q, k, v, mask=mask, causal=causal, causal_block=causal_block, scale=scale)
