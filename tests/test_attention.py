@@ -1,0 +1,178 @@
+"""Agreement of every CPU attention backend with naive float64 softmax attention, forward and backward."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ulvideo import attention as attn_mod
+from ulvideo.attention import attention, block_causal_mask, key_padding_mask, resolve_backend, set_backend
+from ulvideo.kernels.reference import naive_attention
+
+CPU_BACKENDS = ["sdpa", "chunked", "naive"]
+
+
+def _qkv(b=2, h=3, nq=13, nk=13, d=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, dtype=dtype) for n in (nq, nk, nk)]
+
+
+def _reference(q, k, v, **kw):
+    return naive_attention(q.double(), k.double(), v.double(), **kw)
+
+
+def _masks(b, h, nq, nk, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    full = torch.rand(b, h, nq, nk, generator=g) > 0.4
+    full[0, 0, 2] = False  # a fully masked row
+    pad_valid = torch.ones(b, nk, dtype=torch.bool)
+    pad_valid[0, nk // 2 :] = False
+    return {
+        "none": {},
+        "causal": {"causal": True},
+        "full_mask": {"mask": full},
+        "head_broadcast": {"mask": full[:, :1]},
+        "key_padding": {"mask": key_padding_mask(pad_valid)},
+        "padding_and_causal": {"mask": key_padding_mask(pad_valid), "causal": True},
+    }
+
+
+def test_block_causal_mask_rule():
+    m = block_causal_mask(3, 4)
+    frame = torch.arange(12) // 4
+    for i in range(12):
+        for j in range(12):
+            assert bool(m[i, j]) == (frame[j] <= frame[i])
+
+
+def test_key_padding_mask_shape_and_errors():
+    valid = torch.tensor([[True, False, True]])
+    assert key_padding_mask(valid).shape == (1, 1, 1, 3)
+    with pytest.raises(ValueError):
+        key_padding_mask(valid.float())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["none", "causal", "full_mask", "head_broadcast", "key_padding", "padding_and_causal"])
+@pytest.mark.parametrize("nq,nk", [(13, 13), (7, 19)])
+def test_forward_backward_agree_with_float64_reference(backend, case, nq, nk):
+    q, k, v = _qkv(nq=nq, nk=nk)
+    kw = _masks(2, 3, nq, nk)[case]
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*ref_in, **kw)
+    inp = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*inp, backend=backend, **kw)
+    assert out.shape == (2, 3, nq, q.shape[-1])
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    for a, r in zip(inp, ref_in):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_causal_argument_equals_materialised_mask(backend):
+    q, k, v = _qkv(nq=12, nk=12)
+    by_mask = attention(q, k, v, mask=block_causal_mask(3, 4), backend=backend)
+    by_arg = attention(q, k, v, causal=True, causal_block=4, backend=backend)
+    ref = _reference(q, k, v, mask=block_causal_mask(3, 4))
+    torch.testing.assert_close(by_mask.double(), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(by_arg.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fully_masked_rows_are_zero_and_grads_finite(backend):
+    q, k, v = _qkv(nq=6, nk=6)
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[3:, :2] = True  # rows 0..2 see nothing
+    inp = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*inp, mask=mask, backend=backend)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    out.sum().backward()
+    for t in inp:
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(inp[0].grad[:, :, :3], torch.zeros_like(inp[0].grad[:, :, :3]))
+    # Keys 2..5 are never attended: no gradient may reach them.
+    assert torch.equal(inp[1].grad[:, :, 2:], torch.zeros_like(inp[1].grad[:, :, 2:]))
+
+
+def test_override_precedence(monkeypatch, caplog):
+    q, k, v = _qkv(nq=4, nk=4)
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    try:
+        assert resolve_backend(q, k)[0] == "sdpa"
+        set_backend("chunked")
+        assert resolve_backend(q, k)[0] == "chunked"
+        monkeypatch.setenv(attn_mod.ENV_VAR, "naive")
+        assert resolve_backend(q, k)[0] == "naive"
+        assert resolve_backend(q, k, backend="sdpa")[0] == "sdpa"
+        with pytest.raises(ValueError):
+            set_backend("nonsense")
+        # Not usable on CPU: an explicit argument is an error, a configured choice falls back.
+        with pytest.raises(RuntimeError):
+            resolve_backend(q, k, backend="xformers")
+        monkeypatch.setenv(attn_mod.ENV_VAR, "xformers")
+        name, reason = resolve_backend(q, k)
+        assert name == "sdpa" and "fell back" in reason
+    finally:
+        set_backend(None)
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    attn_mod._logged.clear()
+    with caplog.at_level(logging.INFO, logger="ulvideo.attention"):
+        attention(q, k, v)
+        attention(q, k, v)
+    assert sum("attention backend sdpa" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_auto_avoids_dense_mask_for_long_block_causal(monkeypatch):
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    q = torch.empty(1, 1, 8192, 8)
+    assert resolve_backend(q, q, causal=True)[0] == "sdpa"
+    assert resolve_backend(q, q, causal=True, causal_block=256)[0] == "chunked"
+    assert resolve_backend(q, q, mask=key_padding_mask(torch.ones(1, 8192, dtype=torch.bool)))[0] == "sdpa"
+
+
+def test_bad_inputs_raise():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError):
+        attention(q, k, v, mask=torch.ones(13, 13))  # not bool
+    with pytest.raises(ValueError):
+        attention(q, k, v, mask=torch.ones(5, 13, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        attention(q[0], k, v)
+
+
+@pytest.mark.parametrize("block_q,block_k", [(4, 5), (1, 3), (16, 1)])
+@pytest.mark.parametrize("case", ["none", "causal", "full_mask", "key_padding", "block_causal"])
+def test_chunked_small_blocks_agree(block_q, block_k, case):
+    """Many chunks: the online-softmax rescaling, skipped causal blocks and masked leading chunks."""
+    from ulvideo.kernels.chunked import chunked_attention
+
+    q, k, v = _qkv(nq=13, nk=17)
+    kw = {"block_causal": {"causal": True, "causal_block": 3}}.get(case) or _masks(2, 3, 13, 17)[case]
+    if case == "full_mask":
+        kw = {"mask": kw["mask"].clone()}
+        kw["mask"][1, 2, 5, :9] = False  # valid keys appear only in a late chunk
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*ref_in, **kw)
+    inp = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = chunked_attention(*inp, block_q=block_q, block_k=block_k, **kw)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    for a, r in zip(inp, ref_in):
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_chunked_bfloat16_close_to_reference():
+    from ulvideo.kernels.chunked import chunked_attention
+
+    q, k, v = _qkv(nq=40, nk=40, d=16)
+    out = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, block_q=8, block_k=16)
+    ref = _reference(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
