@@ -215,13 +215,14 @@ def clip_indices(start: int, num_frames: int, stride: int = 1, fps: float | None
                  native_fps: float | None = None) -> np.ndarray:
     """Frame indices of a clip: every `stride`-th frame, or frames at `fps` (nearest frame).
 
-    At a target rate the k-th frame is the one at time k/fps: index start + round(k*native/fps).
+    At a target rate the k-th frame is the one on screen at time k/fps after `start`:
+    start + floor(k * native_fps / fps) (the small epsilon absorbs float error in the ratio).
     """
     k = np.arange(num_frames)
     if fps:
         if not native_fps:
             raise ValueError("a target fps needs the video's native fps")
-        return start + np.round(k * (native_fps / fps)).astype(np.int64)
+        return start + np.floor(k * (native_fps / fps) + 1e-6).astype(np.int64)
     return start + k * int(stride)
 
 
@@ -259,7 +260,12 @@ def _read_decord(path: str, unique: np.ndarray, threads: int) -> np.ndarray:
     reader = _DECORD_READERS.get(path, threads)
     if unique[-1] >= len(reader):
         raise VideoError("too short", f"frame {unique[-1]} of {len(reader)}")
-    return reader.get_batch(unique.tolist()).asnumpy()
+    frames = reader.get_batch(unique.tolist()).asnumpy()
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        # decord 3.4 (decord2) infers channels from the row stride and gets widths such as
+        # 16, 24, 32, 48, 96, 144 wrong; it usually raises, and this catches the rest.
+        raise VideoError("corrupt", f"decord returned frames of shape {frames.shape}")
+    return frames
 
 
 def _read_pyav(path: str, unique: np.ndarray, threads: int) -> np.ndarray:
@@ -314,14 +320,16 @@ def _read_torchcodec(path: str, unique: np.ndarray, threads: int) -> tuple[np.nd
 
 
 _READERS = {"decord": _read_decord, "pyav": _read_pyav}
+_DECORD_FAILED: set[tuple[int, str]] = set()
 
 
 def read_frames(path: str | os.PathLike, indices, backend: str = "auto", *, rotation: int | None = None,
                 threads: int = 0) -> np.ndarray:
     """Decode exactly the frames `indices` (any order, repeats allowed): uint8 `(N, H, W, 3)`.
 
-    backend "auto": decord, except for rotated streams (decord 3.4 mis-sizes them) or streams
-    decord cannot open, which go to PyAV. `rotation` (from `probe`) skips a second probe.
+    backend "auto": decord, except for rotated streams (decord 3.4 mis-sizes them) and streams
+    decord fails on (remembered per process), which go to PyAV. `rotation` (from `probe`)
+    saves a second probe.
     """
     path = str(path)
     _check_file(path)
@@ -338,6 +346,9 @@ def read_frames(path: str | os.PathLike, indices, backend: str = "auto", *, rota
     else:
         raise ValueError(f"unknown backend {backend!r} (choose auto, {', '.join(BACKENDS)})")
     error: Exception | None = None
+    key = (os.getpid(), path)
+    if len(order) > 1 and key in _DECORD_FAILED:
+        order = order[1:]
     for name in order:
         try:
             if name == "torchcodec":
@@ -352,6 +363,8 @@ def read_frames(path: str | os.PathLike, indices, backend: str = "auto", *, rota
             error = e
         except Exception as e:  # decord raises its own error class for streams it cannot open
             error = VideoError("corrupt", f"{name}: {type(e).__name__}: {str(e)[:200]}")
+        if name == "decord" and len(order) > 1:
+            _DECORD_FAILED.add(key)  # do not retry decord on this file in this process
     assert error is not None
     raise error
 
