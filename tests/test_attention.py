@@ -1,7 +1,12 @@
 """Agreement of every CPU attention backend with naive float64 softmax attention, forward and backward."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,3 +181,62 @@ def test_chunked_bfloat16_close_to_reference():
     ref = _reference(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), causal=True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def _triton_interpreter_checks() -> dict:
+    """Max |error| of the Triton kernels vs the float64 reference, forward and backward.
+
+    Runs in a child process: Triton picks interpreter or compiler when a kernel is decorated, so
+    TRITON_INTERPRET=1 must be in the environment before ulvideo.kernels.triton_flash is imported,
+    which cannot be guaranteed inside a pytest process that may have imported it already.
+    """
+    nq, nk = 21, 37  # several 16-blocks, ragged last block, cross-attention
+    full = torch.rand(2, 1, nq, nk, generator=torch.Generator().manual_seed(3)) > 0.5
+    full[1, 0, 4] = False  # a fully masked row
+    pad = torch.ones(2, nk, dtype=torch.bool)
+    pad[0, 9:] = False
+    cases = {
+        "none": (nq, nk, {}, torch.float32),
+        "causal": (nq, nq, {"causal": True}, torch.float32),
+        "block_causal": (nq + 3, nq + 3, {"causal": True, "causal_block": 6}, torch.float32),
+        "mask_head_broadcast": (nq, nk, {"mask": full}, torch.float32),
+        "key_padding_causal": (nk, nk, {"mask": key_padding_mask(pad), "causal": True}, torch.float32),
+        "float16": (nq, nk, {"causal": True}, torch.float16),
+    }
+    report = {}
+    for name, (n_q, n_k, kw, dtype) in cases.items():
+        q, k, v = (t.to(dtype) for t in _qkv(nq=n_q, nk=n_k, d=12, seed=11))
+        name_used, _ = resolve_backend(q, k, backend="triton")
+        inp = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*inp, backend="triton", **kw)
+        ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = _reference(*ref_in, **kw)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        out.backward(g.to(dtype))
+        ref.backward(g.double())
+        errs = {"out": (out.double() - ref).abs().max().item()}
+        for label, a, r in zip(("dq", "dk", "dv"), inp, ref_in):
+            errs[label] = (a.grad.double() - r.grad).abs().max().item() if torch.isfinite(a.grad).all() else float("inf")
+        errs["dtype"] = str(dtype)
+        errs["backend"] = name_used
+        report[name] = errs
+    return report
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, "--triton-interpreter"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 6
+    for name, errs in report.items():
+        assert errs["backend"] == "triton", name
+        tol = 5e-3 if errs["dtype"] == "torch.float16" else 2e-5
+        for key in ("out", "dq", "dk", "dv"):
+            assert errs[key] < tol, (name, key, errs)
+
+
+if __name__ == "__main__" and "--triton-interpreter" in sys.argv:
+    print(json.dumps(_triton_interpreter_checks()))

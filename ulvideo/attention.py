@@ -21,8 +21,9 @@ Backends (all agree with `ulvideo.kernels.reference.naive_attention` in tests):
 Choice, first match wins: the `backend=` argument; the environment variable ULVIDEO_ATTENTION;
 `set_backend(...)` (training calls it with `train.attention_backend`); otherwise "auto":
 SDPA whenever it needs no large dense mask (no mask, token-causal, or a mask with at most
-`DENSE_MASK_LIMIT` elements), else the O(N) kernel (Triton on CUDA when installed, chunked otherwise).
-The backend chosen is logged once per (backend, device type, reason).
+`DENSE_MASK_LIMIT` elements), else the O(N)-memory chunked kernel. Auto never picks Triton or
+xformers: they are opt-in (argument, env var or config) until `benchmarks/gpu_check.py` has passed
+on the GPU in question. The backend chosen is logged once per (backend, device type, reason).
 """
 from __future__ import annotations
 
@@ -150,8 +151,7 @@ def resolve_backend(q, k, mask=None, causal=False, causal_block=1, backend=None)
     dense = _dense_mask_elements(mask, causal, causal_block, q.shape[-2], k.shape[-2])
     if dense <= DENSE_MASK_LIMIT:
         return "sdpa", reason + (f": mask of {dense} elements" if dense else ": no dense mask needed")
-    fast = "triton" if device.type == "cuda" and "triton" in usable else "chunked"
-    return fast, reason + f": a dense mask would have {dense} > {DENSE_MASK_LIMIT} elements"
+    return "chunked", reason + f": a dense mask would have {dense} > {DENSE_MASK_LIMIT} elements"
 
 
 def _log_once(name: str, device: torch.device, reason: str) -> None:
