@@ -1,0 +1,183 @@
+"""The shapes dataset and its measurer, against independent references: the spec each clip was
+rendered from, closed-form areas and centroid tracks, scipy's Gaussian blur, H.264 files decoded
+by PyAV directly (not through ulvideo.videoio)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+
+import av
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from ulvideo import shapes
+from ulvideo.cli import main as cli_main
+from ulvideo.shapes import (BACKGROUND, COLOURS, DIAMETERS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption,
+                            heldout_combinations, make_dataset_specs, measure_clip, paraphrase, parse_caption,
+                            render_clip, score, true_centroids)
+from ulvideo.videoio import write_video
+
+ATTRS = ("colour", "shape", "size", "direction")
+
+
+def all_specs() -> list[ShapeSpec]:
+    """Every (shape, colour, size, direction), speeds alternating, path centred in the frame."""
+    combos = itertools.product(SHAPES, COLOURS, SIZES, DIRECTIONS)
+    return [ShapeSpec(s, c, z, d, speed=("slow", "fast")[i % 2]) for i, (s, c, z, d) in enumerate(combos)]
+
+
+def decode_pyav(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def assert_recovered(clips, specs, max_centroid_err):
+    wrong, worst = [], 0.0
+    for frames, spec in zip(clips, specs):
+        s = score(spec, measure_clip(frames))
+        if not s["all"]:
+            wrong.append((caption(spec), {k: s[k] for k in ATTRS}))
+        worst = max(worst, s["centroid_err_max"])
+    assert not wrong, f"{len(wrong)} of {len(specs)} misread, e.g. {wrong[:3]}"
+    assert worst < max_centroid_err
+
+
+def test_specs_and_frames_are_deterministic_by_seed():
+    a, b = make_dataset_specs(40, seed=3), make_dataset_specs(40, seed=3)
+    assert a == b
+    assert make_dataset_specs(10, seed=3) == a[:10]  # spec i depends on (seed, i) only
+    assert make_dataset_specs(40, seed=4) != a
+    assert all(np.array_equal(render_clip(s, 9, 32), render_clip(s, 9, 32)) for s in a[:5])
+    assert len({caption(s) for s in a}) > 20  # attributes actually vary
+
+
+def test_frames_sizes_and_staying_inside_the_frame():
+    for num_frames, size in ((9, 32), (17, 64), (1, 32)):
+        for spec in make_dataset_specs(30, seed=1):
+            clip = render_clip(spec, num_frames, size)
+            assert clip.shape == (num_frames, size, size, 3) and clip.dtype == np.uint8
+            # Border pixels are untouched background ...
+            border = np.concatenate([clip[:, 0], clip[:, -1], clip[:, :, 0], clip[:, :, -1]], axis=1)
+            assert (border == np.array(BACKGROUND, np.uint8)).all()
+            # ... and every frame holds the whole shape: its closed-form area, box d x d.
+            d = DIAMETERS[spec.size] * size
+            area = {"circle": math.pi * d * d / 4, "square": d * d, "triangle": d * d / 2, "diamond": d * d / 2}[spec.shape]
+            fg = np.array(shapes.PALETTE[spec.colour], float) - np.array(BACKGROUND)
+            coverage = (clip.astype(float) - np.array(BACKGROUND)) @ fg / (fg @ fg)  # (T, H, W)
+            np.testing.assert_allclose(coverage.sum(axis=(1, 2)), area, rtol=0.04)
+            # The rendered centroid follows the exact constant-velocity track.
+            grid = np.arange(size) + 0.5
+            cx = coverage.sum(axis=1) @ grid / coverage.sum(axis=(1, 2))
+            cy = coverage.sum(axis=2) @ grid / coverage.sum(axis=(1, 2))
+            np.testing.assert_allclose(np.stack([cx, cy], 1), true_centroids(spec, num_frames, size), atol=0.15)
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="colour"):
+        ShapeSpec("circle", "orange", "small", "left")
+    with pytest.raises(ValueError, match="leaves the frame"):
+        ShapeSpec("circle", "red", "large", "left", "fast", start=(0.3, 0.5))
+    spec = ShapeSpec("circle", "red", "large", "left", "fast")  # default start: a centred path
+    assert spec.start[0] > 0.5 > spec.end[0] and spec.start[1] == spec.end[1] == 0.5
+    assert ShapeSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_captions_paraphrases_and_parsing():
+    specs = make_dataset_specs(300, seed=0)
+    train_vocab = {w for s in specs for w in caption(s).split()}
+    rng = np.random.default_rng(0)
+    for spec in specs[:100]:
+        text = caption(spec)
+        assert text == f"a {spec.size} {spec.colour} {spec.shape} moving {spec.direction}"
+        attrs = {k: getattr(spec, k) for k in ATTRS}
+        assert parse_caption(text) == attrs
+        alt = paraphrase(spec, rng)
+        words = set(alt.replace(",", " ").replace(":", " ").split())
+        assert words & train_vocab <= {"a"}, alt
+        assert parse_caption(alt) == attrs, alt
+
+
+def test_heldout_combinations_are_excluded_and_composable():
+    held = heldout_combinations()
+    assert held == heldout_combinations() and len(held) == 8
+    specs = make_dataset_specs(3000, seed=0, exclude=held)
+    seen = {(s.colour, s.shape, s.direction) for s in specs}
+    for combo in held:
+        assert (combo["colour"], combo["shape"], combo["direction"]) not in seen
+        # every pair of a held-out combination still occurs in training
+        for a, b in itertools.combinations(("colour", "shape", "direction"), 2):
+            assert any(getattr(s, a) == combo[a] and getattr(s, b) == combo[b] for s in specs)
+    assert len(seen) == len(COLOURS) * len(SHAPES) * len(DIRECTIONS) - len(held)
+
+
+def test_measurer_recovers_every_combination_on_clean_clips():
+    specs = all_specs()
+    assert_recovered((render_clip(s, 9, 32) for s in specs), specs, max_centroid_err=0.3)
+
+
+def test_measurer_after_h264_round_trip(tmp_path):
+    specs = all_specs()
+    clips = []
+    for i, spec in enumerate(specs):
+        path = tmp_path / f"{i}.mp4"
+        write_video(path, render_clip(spec, 9, 32), fps=8)
+        clips.append(decode_pyav(path))
+        assert clips[-1].shape == (9, 32, 32, 3)
+    assert_recovered(clips, specs, max_centroid_err=1.0)
+    big = specs[::7]
+    for i, spec in enumerate(big):
+        write_video(tmp_path / f"big{i}.mp4", render_clip(spec, 17, 64), fps=8)
+    assert_recovered((decode_pyav(tmp_path / f"big{i}.mp4") for i in range(len(big))), big, max_centroid_err=1.0)
+
+
+def test_measurer_after_blur_noise_and_colour_shift():
+    rng = np.random.default_rng(0)
+    specs = all_specs()
+
+    def degrade(clip, sigma, noise, shift):
+        x = gaussian_filter(clip.astype(np.float32), (0, sigma, sigma, 0)) + np.array(shift) + rng.normal(0, noise, clip.shape)
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+    assert_recovered((degrade(render_clip(s, 9, 32), 1.0, 8.0, (30, -20, 25)) for s in specs), specs, max_centroid_err=1.0)
+    heavy = specs[::3]  # close to what an 8x-downsampling autoencoder gives back early in training
+    assert_recovered((degrade(render_clip(s, 9, 32), 1.5, 12.0, (0, 0, 0)) for s in heavy), heavy, max_centroid_err=1.0)
+
+
+def test_measurer_can_disagree():
+    spec = ShapeSpec("circle", "red", "small", "left", "fast")
+    clip = render_clip(spec, 9, 32)
+    other = ShapeSpec("square", "blue", "large", "right", "fast")
+    s = score(other, measure_clip(clip))
+    assert not any(s[k] for k in ATTRS) and not s["all"]
+    assert measure_clip(clip[::-1]).direction == "right"  # time reversed
+    assert measure_clip(clip.transpose(0, 2, 1, 3)).direction == "up"  # x <-> y
+    still = measure_clip(np.repeat(clip[:1], 9, axis=0))
+    assert still.direction == "none" and still.shape == "circle"
+    blank = measure_clip(np.full((9, 32, 32, 3), 24, np.uint8))
+    assert (blank.colour, blank.shape, blank.direction) == ("none", "none", "none")
+    assert not score(spec, blank)["all"] and math.isnan(score(spec, blank)["centroid_err_mean"])
+    with pytest.raises(ValueError):
+        measure_clip(np.zeros((9, 32, 32)))
+
+
+def test_synth_cli_writes_mp4_captions_and_manifest(tmp_path):
+    out = tmp_path / "shapes"
+    assert cli_main(["data", "synth", "--out", str(out), "--num", "6", "--frames", "9", "--size", "32", "--seed", "5"]) == 0
+    assert sorted(p.name for p in out.glob("*.mp4")) == [f"shape_{i:05d}.mp4" for i in range(6)]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    held = json.loads((out / "heldout.json").read_text())
+    assert [r["path"] for r in rows] == [f"shape_{i:05d}.mp4" for i in range(6)]
+    for row in rows:
+        spec = ShapeSpec.from_dict(row["spec"])
+        assert (out / row["path"]).with_suffix(".txt").read_text().strip() == row["caption"] == caption(spec)
+        assert not shapes._excluded(row["spec"], held)
+        frames = decode_pyav(out / row["path"])
+        assert frames.shape == (9, 32, 32, 3)
+        assert score(spec, measure_clip(frames))["all"]
+    assert [ShapeSpec.from_dict(r["spec"]) for r in rows] == make_dataset_specs(6, 5, exclude=held)
+    # a smaller rerun into the same folder would leave stale clips behind: refused
+    args = argparse.Namespace(out=str(out), num=3, frames=9, size=32, seed=5, fps=8)
+    assert shapes.main_synth(args) == 2
