@@ -73,13 +73,13 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
     lse = torch.empty(b, h, nq, 1, device=q.device, dtype=torch.float32)
     for qs in range(0, nq, block_q):
         qe = min(nq, qs + block_q)
-        qc = q[:, :, qs:qe]
+        qc = q[:, :, qs:qe] * scale  # scaling q (bq x d) is cheaper than scaling scores (bq x bk)
         m = torch.full((b, h, qe - qs, 1), float("-inf"), device=q.device)
         l = torch.zeros((b, h, qe - qs, 1), device=q.device)
         acc = torch.zeros((b, h, qe - qs, d), device=q.device)
         for ks in range(0, _key_end(causal, causal_block, qe, nk), block_k):
             ke = min(nk, ks + block_k)
-            s = torch.matmul(qc, k[:, :, ks:ke].transpose(-1, -2)).float().mul_(scale)  # (B, nh, bq, bk)
+            s = torch.matmul(qc, k[:, :, ks:ke].transpose(-1, -2)).float()  # (B, nh, bq, bk)
             allowed = _block_mask(mask, causal, causal_block, qs, qe, ks, ke, q.device)
             if allowed is not None:
                 s.masked_fill_(~allowed, float("-inf"))
@@ -91,6 +91,7 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
             l.mul_(correction).add_(p.sum(dim=-1, keepdim=True))
             acc.mul_(correction).add_(torch.matmul(p.to(v.dtype), v[:, :, ks:ke]).float())
             m = m_new
+            del s, p, allowed  # free the block before the next one is allocated
         empty = l == 0
         out[:, :, qs:qe] = (acc / l.masked_fill(empty, 1.0)).to(q.dtype)
         m_safe = m.masked_fill(m == float("-inf"), 0.0)
@@ -100,19 +101,20 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
 
 def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, block_q, block_k):
     nq, nk = q.shape[-2], k.shape[-2]
-    # D_i = rowsum(dO ∘ O) (FlashAttention-2, Alg. 2 line 4); a (B, nh, Nq, 1) float32 vector.
-    delta = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     for qs in range(0, nq, block_q):
         qe = min(nq, qs + block_q)
         qc, doc = q[:, :, qs:qe], grad_out[:, :, qs:qe]
-        lse_c, delta_c = lse[:, :, qs:qe], delta[:, :, qs:qe]
+        q_scaled = qc * scale
+        lse_c = lse[:, :, qs:qe]
+        # D_i = rowsum(dO ∘ O) (FlashAttention-2, Alg. 2 line 4), per chunk to stay O(chunk).
+        delta_c = (doc.float() * out[:, :, qs:qe].float()).sum(dim=-1, keepdim=True)
         for ks in range(0, _key_end(causal, causal_block, qe, nk), block_k):
             ke = min(nk, ks + block_k)
             kc, vc = k[:, :, ks:ke], v[:, :, ks:ke]
-            s = torch.matmul(qc, kc.transpose(-1, -2)).float().mul_(scale)
+            s = torch.matmul(q_scaled, kc.transpose(-1, -2)).float()
             allowed = _block_mask(mask, causal, causal_block, qs, qe, ks, ke, q.device)
             if allowed is not None:
                 s.masked_fill_(~allowed, float("-inf"))
@@ -122,6 +124,7 @@ def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, bl
             ds = p.mul_(dp.sub_(delta_c)).to(q.dtype)  # dS = P ∘ (dP - D), reusing P's storage
             dq[:, :, qs:qe] += torch.matmul(ds, kc).float()
             dk[:, :, ks:ke] += torch.matmul(ds.transpose(-1, -2), qc).float()
+            del s, p, dp, ds, allowed
     return dq.mul_(scale).to(q.dtype), dk.mul_(scale).to(k.dtype), dv.to(v.dtype)
 
 
