@@ -37,13 +37,20 @@ class EncoderConfig:
     patch_size: int = 1  # spatial-only patching (1 = none, 2 = 2x2)
     temporal_downsample: int = 4  # 4 -> T = 1 + 4k frames give 1 + k latent frames
     spatial_downsample: int = 8  # includes the patch size
+    # architecture overrides of the named size (None = the size's value, ulvideo/nets/sizes.py)
+    channels: list[int] | None = None  # one width per level: log2(max(downsampling)) + 1 entries
+    num_res_blocks: int | None = None
 
 
 @dataclass
 class PriorConfig:
     size: str = "tiny"
     attention: Literal["full", "factorized"] = "full"
+    temporal_causal: bool = False  # frame i attends frames <= i only
     prediction: Literal["x", "eps", "v"] = "x"
+    widths: list[int] | None = None  # overrides of the named size (None = the size's value)
+    depths: list[int] | None = None
+    dropout: float | None = None
 
 
 @dataclass
@@ -54,6 +61,14 @@ class DecoderConfig:
     logsnr_max: float = 15.0
     shift: float = 0.0  # simple diffusion's resolution shift, 2*log(base/resolution)
     loss: Literal["diffusion", "mse"] = "diffusion"  # "mse": the paper's Table-5 ablation
+    attention: Literal["full", "factorized"] = "full"  # middle transformer; always causal in time
+    # architecture overrides of the named size (None = the size's value)
+    patch_size: int | None = None
+    channels: list[int] | None = None
+    num_res_blocks: int | None = None
+    width: int | None = None
+    depth: int | None = None
+    dropout: float | None = None
 
 
 @dataclass
@@ -85,6 +100,11 @@ class BaseConfig:
     num_classes: int = 0
     context_frames: int = 0  # latent frames given as clean conditioning (frame prediction)
     cond_dropout: float = 0.1  # CFG dropout probability
+    attention: Literal["full", "factorized"] = "full"
+    temporal_causal: bool = False  # frame i attends frames <= i only
+    widths: list[int] | None = None  # overrides of the named size (None = the size's value)
+    depths: list[int] | None = None
+    dropout: float | None = None
 
 
 @dataclass

@@ -1,0 +1,160 @@
+"""Pixel-space diffusion decoder: a causal 3D U-ViT conditioned on the noisy latent z0 and logSNR.
+
+    out = Decoder(cfg, C)(x_t (B, 3, T, H, W), z0 (B, C, T', H', W'), logsnr (B,)) -> (B, 3, T, H, W)
+
+U-ViT (Hoogeboom et al. 2023, the paper's decoder, PAPER.md §1): optional 2x2 patching, conv
+stages (`channels`, each ending in a 2x spatial downsampling), a transformer at the lowest
+resolution, and the mirrored conv stages with skip connections. Time is never downsampled: the
+conv stages mix frames with causal 3x3x3 convs and the transformer attends across frames
+block-causally, so output frame f depends on x_t frames <= f and latent frames <= ceil(f / 4) only:
+`decoder(x_t, z0, l)[:, :, :1+4j] == decoder(x_t[:, :, :1+4j], z0[:, :, :1+j], l)`.
+
+Conditioning: logSNR through adaptive per-frame GroupNorm in the residual blocks and adaLN in the
+transformer. z0 is aligned in time (latent frame 0 once, each later frame repeated 4 times), put
+through a small per-frame conv stack at latent resolution and resized (nearest up / average down)
+to every stage's resolution, where it is added to the trunk. This path is deliberately NOT
+zero-initialised, so the decoder depends on z0 from the first steps (DESIGN.md "Start-up dynamics").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ulvideo.nets.layers import (CausalConv3d, FrameGroupNorm, LogSNREmbedding, ResBlock, batch_logsnr,
+                                 check_power_of_two, expand_latent_time, patchify, sincos_3d, unpatchify)
+from ulvideo.nets.sizes import resolve_decoder
+from ulvideo.nets.transformer import TransformerBlock
+
+
+class LatentInjection(nn.Module):
+    """Time-aligned z0 (B, C, T, h, w) -> features (B, channels, T, h * scale, w * scale).
+
+    Per-frame convs (1x3x3, then 1x1x1) at latent resolution, then nearest upsampling (scale > 1)
+    or average pooling (scale < 1). A 1x1 conv commutes with nearest upsampling, so doing all the
+    work at latent resolution loses nothing and costs ~scale^2 times less.
+    """
+
+    def __init__(self, latent_channels: int, channels: int, up: int, down: int):
+        super().__init__()
+        self.up, self.down = up, down
+        self.conv = CausalConv3d(latent_channels, channels, (1, 3, 3))
+        self.proj = CausalConv3d(channels, channels, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.proj(F.silu(self.conv(z)))
+        if self.up > 1:
+            h = F.interpolate(h, scale_factor=(1, self.up, self.up), mode="nearest")
+        if self.down > 1:
+            h = F.avg_pool3d(h, (1, self.down, self.down))
+        return h
+
+
+class Decoder(nn.Module):
+    """`Decoder(cfg: DecoderConfig, latent_channels, temporal_downsample=4, spatial_downsample=8)`.
+
+    Residual and transformer blocks are the entries of `self.blocks` (down stages, middle
+    transformer, up stages, in execution order).
+    """
+
+    def __init__(self, cfg, latent_channels: int, temporal_downsample: int = 4, spatial_downsample: int = 8):
+        super().__init__()
+        size = resolve_decoder(cfg)
+        self.size = size
+        self.latent_channels = latent_channels
+        self.temporal_downsample = temporal_downsample
+        self.spatial_downsample = spatial_downsample
+        self.patch_size = p = size.patch_size
+        check_power_of_two("decoder.patch_size", p)
+        check_power_of_two("spatial_downsample", spatial_downsample)
+        ch, n_stages = size.channels, len(size.channels)
+        emb_dim = 4 * ch[0]  # ADM's embedding width
+        factorized = getattr(cfg, "attention", "full") == "factorized"
+        self.logsnr_emb = LogSNREmbedding(emb_dim)
+        self.conv_in = CausalConv3d(3 * p * p, ch[0], 3)
+
+        def injection(downsampling: int, channels: int) -> LatentInjection:
+            # stage at pixel/downsampling resolution vs latent at pixel/spatial_downsample
+            up, down = max(1, spatial_downsample // downsampling), max(1, downsampling // spatial_downsample)
+            return LatentInjection(latent_channels, channels, up, down)
+
+        # Block indices per part; all blocks live in one ModuleList (checkpointing applies per entry).
+        blocks, self.down_idx, self.up_idx = [], [], [None] * n_stages
+        self.inject, self.downs, self.ups = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for s in range(n_stages):
+            self.inject.append(injection(p * 2**s, ch[s]))
+            self.down_idx.append(list(range(len(blocks), len(blocks) + size.num_res_blocks)))
+            blocks += [ResBlock(ch[s], ch[s], emb_dim, size.dropout, zero_init=True) for _ in range(size.num_res_blocks)]
+            c_next = ch[s + 1] if s + 1 < n_stages else ch[-1]
+            self.downs.append(CausalConv3d(ch[s], c_next, 3, stride=(1, 2, 2)))
+        self.mid_downsampling = p * 2**n_stages
+        self.inject.append(injection(self.mid_downsampling, ch[-1]))
+        self.mid_in = nn.Linear(ch[-1], size.width)
+        self.mid_idx = list(range(len(blocks), len(blocks) + size.depth))
+        blocks += [TransformerBlock(size.width, emb_dim, size.head_dim, factorized=factorized, temporal_causal=True,
+                                    dropout=size.dropout) for _ in range(size.depth)]
+        self.mid_out = nn.Sequential(nn.LayerNorm(size.width, eps=1e-6), nn.Linear(size.width, ch[-1]))
+        for s in reversed(range(n_stages)):
+            n = max(1, size.num_res_blocks)
+            self.up_idx[s] = list(range(len(blocks), len(blocks) + n))
+            # the first block of an up stage takes [upsampled trunk, skip] concatenated
+            blocks += [ResBlock(2 * ch[s] if i == 0 else ch[s], ch[s], emb_dim, size.dropout, zero_init=True)
+                       for i in range(n)]
+        # after a nearest 2x spatial upsampling, a 1x1x1 conv only changes the width: the next
+        # block's 3x3x3 convs do the spatial and temporal mixing
+        self.ups = nn.ModuleList(CausalConv3d(ch[s + 1] if s + 1 < n_stages else ch[-1], ch[s], 1)
+                                 for s in range(n_stages))
+        self.blocks = nn.ModuleList(blocks)
+
+        self.norm_out = FrameGroupNorm(ch[0])
+        self.conv_out = CausalConv3d(ch[0], 3 * p * p, 3)
+        # Zero output: the first prediction is 0 for every input (ADM), a bounded start for any
+        # prediction target; the gradient reaches everything else from the second step on.
+        nn.init.zeros_(self.conv_out.conv.weight)
+        nn.init.zeros_(self.conv_out.conv.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check(self, x_t: torch.Tensor, z0: torch.Tensor) -> None:
+        if x_t.ndim != 5 or x_t.shape[1] != 3:
+            raise ValueError(f"decoder expects x_t (B, 3, T, H, W), got {tuple(x_t.shape)}")
+        if z0.ndim != 5 or z0.shape[1] != self.latent_channels:
+            raise ValueError(f"decoder expects z0 (B, {self.latent_channels}, T', H', W'), got {tuple(z0.shape)}")
+        B, _, T, H, W = x_t.shape
+        k, s = self.temporal_downsample, self.spatial_downsample
+        if z0.shape[0] != B or T != 1 + k * (z0.shape[2] - 1) or (H, W) != (s * z0.shape[3], s * z0.shape[4]):
+            raise ValueError(f"x_t {tuple(x_t.shape)} does not match z0 {tuple(z0.shape)}: need T = 1 + {k}(T' - 1), "
+                             f"H = {s} H', W = {s} W'")
+        if H % self.mid_downsampling or W % self.mid_downsampling:
+            raise ValueError(f"decoder input {H}x{W} must be divisible by {self.mid_downsampling} "
+                             f"(patch {self.patch_size}, {len(self.size.channels)} downsamplings)")
+
+    def forward(self, x_t: torch.Tensor, z0: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        self._check(x_t, z0)
+        B, _, T, H, W = x_t.shape
+        emb = self.logsnr_emb(batch_logsnr(logsnr, B, x_t.device)).to(x_t.dtype)
+        z = expand_latent_time(z0, self.temporal_downsample)  # (B, C, T, H', W'), frame f <-> latent ceil(f/4)
+        h = self.conv_in(patchify(x_t, self.patch_size))
+        skips = []
+        for s, idx in enumerate(self.down_idx):
+            h = h + self.inject[s](z)
+            for i in idx:
+                h = self.blocks[i](h, emb)
+            skips.append(h)
+            h = self.downs[s](h)
+        h = h + self.inject[-1](z)
+        grid = tuple(h.shape[2:])
+        x = self.mid_in(rearrange(h, "b c t h w -> b (t h w) c"))
+        x = x + sincos_3d(*grid, x.shape[-1], x.device).to(x.dtype)
+        for i in self.mid_idx:
+            x = self.blocks[i](x, emb, grid)
+        h = rearrange(self.mid_out(x), "b (t h w) c -> b c t h w", t=grid[0], h=grid[1])
+        for s in reversed(range(len(self.up_idx))):
+            h = self.ups[s](F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest"))
+            h = torch.cat([h, skips.pop()], dim=1)
+            for i in self.up_idx[s]:
+                h = self.blocks[i](h, emb)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return unpatchify(out, self.patch_size)

@@ -1,0 +1,202 @@
+"""Building blocks shared by the encoder, the latent transformers and the decoder.
+
+Tensor convention (DESIGN.md §2): videos are (B, C, T, H, W) with pixels in [-1, 1]; an image is
+the T = 1 case and takes the same path. Every temporal operation in this package is causal:
+  * `CausalConv3d` pads time on the left only, in one place (`_pad_time`);
+  * norms take statistics per frame (`FrameGroupNorm`) or per token (LayerNorm), never over time;
+  * patching is spatial only; temporal attention is causally masked where a network needs it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class CausalConv3d(nn.Module):
+    """A 3D convolution that sees the current and past frames only.
+
+    Space is zero-padded symmetrically ("same" for odd kernels); time is padded on the left with
+    `kt - 1` copies of frame 0, so output frame i depends on input frames <= stride_t * i. With a
+    temporal stride of 2, `1 + 2m` frames give `1 + m` and frame 0 is alone in its group.
+    Repeating frame 0 (instead of zeros) makes the missing past look like a still scene, so an
+    image and the first frame of a video see the same padding.
+
+    `_pad_time` is the only place the past is invented: a streaming cache holding the previous
+    chunk's last `kt - stride_t` input frames would be concatenated there instead.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, bias: bool = True):
+        super().__init__()
+        kt, kh, kw = _triple(kernel_size)
+        st, sh, sw = _triple(stride)
+        if kt < st:
+            raise ValueError(f"temporal kernel {kt} smaller than temporal stride {st} would skip frames")
+        self.time_pad = kt - 1
+        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=(st, sh, sw),
+                              padding=(0, kh // 2, kw // 2), bias=bias)
+
+    def _pad_time(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_pad == 0:
+            return x
+        past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+        return torch.cat([past, x], dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self._pad_time(x))
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups: 32 for wide layers, fewer for narrow ones, keeping >= 4 channels a group."""
+    return math.gcd(32, max(1, channels // 4))
+
+
+class FrameGroupNorm(nn.Module):
+    """GroupNorm with statistics over (C/G, H, W) of each frame separately: no statistics over time,
+    so a frame's output does not depend on later frames (DESIGN.md §2). Statistics in float32."""
+
+    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.groups = norm_groups(channels)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        xf = x.float().reshape(B, self.groups, C // self.groups, T, H * W)
+        var, mean = torch.var_mean(xf, dim=(2, 4), keepdim=True, correction=0)
+        y = ((xf - mean) * torch.rsqrt(var + self.eps)).reshape(B, C, T, H, W).to(x.dtype)
+        if self.weight is not None:
+            y = y * self.weight.view(1, C, 1, 1, 1) + self.bias.view(1, C, 1, 1, 1)
+        return y
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block of two causal 3x3x3 convs.
+
+    With `emb_dim` > 0 the second norm is adaptive (FiLM on a per-frame GroupNorm: scale and shift
+    from the logSNR embedding, as in ADM's AdaGN). `zero_init` zeroes the last conv so the block
+    starts as the identity (ADM); the encoder keeps the default init so its features are non-trivial
+    from the first step.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 0, dropout: float = 0.0,
+                 zero_init: bool = False):
+        super().__init__()
+        self.norm1 = FrameGroupNorm(in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = FrameGroupNorm(out_channels, affine=emb_dim == 0)
+        self.film = nn.Linear(emb_dim, 2 * out_channels) if emb_dim else None
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        if zero_init:
+            nn.init.zeros_(self.conv2.conv.weight)
+            nn.init.zeros_(self.conv2.conv.bias)
+        self.skip = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.film is not None:
+            scale, shift = self.film(F.silu(emb))[:, :, None, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Spatial-only patching: (B, C, T, H, W) -> (B, C*p*p, T, H/p, W/p)."""
+    if p == 1:
+        return x
+    return rearrange(x, "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    if p == 1:
+        return x
+    return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p)
+
+
+def expand_latent_time(z: torch.Tensor, temporal_downsample: int) -> torch.Tensor:
+    """Align latent frames with pixel frames: pixel frame f <-> latent frame ceil(f / k).
+
+    Latent frame 0 is kept once and every later one repeated k times, so T' latent frames give
+    1 + k (T' - 1) frames (DESIGN.md §2; `interpolate(size=T)` would misalign them).
+    """
+    if temporal_downsample == 1:
+        return z
+    return torch.cat([z[:, :, :1], z[:, :, 1:].repeat_interleave(temporal_downsample, dim=2)], dim=2)
+
+
+def _sincos_1d(pos: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+    """Transformer sinusoids (Vaswani et al. 2017): (N,) positions -> (N, dim), dim even."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    angles = pos.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def sincos_3d(frames: int, height: int, width: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 3D position embedding, (frames*height*width, dim), tokens in (t, h, w) order.
+
+    The width is split into a time part and two equal space parts, each a 1D sinusoid of the
+    integer coordinate. It works for any number of frames (T' = 1 for images: frame 0 of a video
+    and an image get the same embedding) and any grid size.
+    """
+    d_space = 2 * (dim // 6)
+    d_time = dim - 2 * d_space
+    t, h, w = torch.meshgrid(
+        torch.arange(frames, device=device), torch.arange(height, device=device),
+        torch.arange(width, device=device), indexing="ij",
+    )
+    return torch.cat([
+        _sincos_1d(t.flatten(), d_time, 10000.0),
+        _sincos_1d(h.flatten(), d_space, 10000.0),
+        _sincos_1d(w.flatten(), d_space, 10000.0),
+    ], dim=1)
+
+
+class LogSNREmbedding(nn.Module):
+    """logSNR (B,) -> conditioning vector (B, dim): sinusoids of logSNR, then a 2-layer MLP.
+
+    Frequencies run geometrically from 1 to 1/1000 radians per unit of logSNR: the fastest resolves
+    ~0.1 logSNR units, the slowest stays unaliased over any range used here ([-15, 15] and beyond).
+    Computed in float32 (logSNR itself is never cast to bf16).
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, logsnr: torch.Tensor) -> torch.Tensor:
+        return self.mlp(_sincos_1d(logsnr.float(), self.freq_dim, 1000.0))
+
+
+def batch_logsnr(logsnr, batch: int, device) -> torch.Tensor:
+    """Accept a (B,) tensor or a scalar; return float32 (B,)."""
+    logsnr = torch.as_tensor(logsnr, dtype=torch.float32, device=device)
+    if logsnr.ndim == 0:
+        logsnr = logsnr.expand(batch)
+    if logsnr.shape != (batch,):
+        raise ValueError(f"logsnr must have shape ({batch},) or be a scalar, got {tuple(logsnr.shape)}")
+    return logsnr
+
+
+def check_power_of_two(name: str, value: int) -> int:
+    """log2 of `value`, or a clear error."""
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} = {value} must be a power of two")
+    return value.bit_length() - 1
