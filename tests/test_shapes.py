@@ -73,6 +73,9 @@ def test_frames_sizes_and_staying_inside_the_frame():
             cx = coverage.sum(axis=1) @ grid / coverage.sum(axis=(1, 2))
             cy = coverage.sum(axis=2) @ grid / coverage.sum(axis=(1, 2))
             np.testing.assert_allclose(np.stack([cx, cy], 1), true_centroids(spec, num_frames, size), atol=0.15)
+            if num_frames > 1:  # image convention: x to the right, y downwards
+                moved = {"left": -(cx[-1] - cx[0]), "right": cx[-1] - cx[0], "up": -(cy[-1] - cy[0]), "down": cy[-1] - cy[0]}
+                assert moved[spec.direction] > 0.2 * size
 
 
 def test_spec_validation():
@@ -142,8 +145,10 @@ def test_measurer_after_blur_noise_and_colour_shift():
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
     assert_recovered((degrade(render_clip(s, 9, 32), 1.0, 8.0, (30, -20, 25)) for s in specs), specs, max_centroid_err=1.0)
-    heavy = specs[::3]  # close to what an 8x-downsampling autoencoder gives back early in training
-    assert_recovered((degrade(render_clip(s, 9, 32), 1.5, 12.0, (0, 0, 0)) for s in heavy), heavy, max_centroid_err=1.0)
+    # Blurred as much as an 8x-downsampling autoencoder's early reconstructions: bright colours
+    # darken toward the background there, and small shapes never reach full contrast.
+    heavy = specs[::3]
+    assert_recovered((degrade(render_clip(s, 9, 32), 2.0, 8.0, (0, 0, 0)) for s in heavy), heavy, max_centroid_err=1.0)
 
 
 def test_measurer_can_disagree():
