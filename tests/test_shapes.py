@@ -64,7 +64,7 @@ def test_frames_sizes_and_staying_inside_the_frame():
             assert (border == np.array(BACKGROUND, np.uint8)).all()
             # ... and every frame holds the whole shape: its closed-form area, box d x d.
             d = DIAMETERS[spec.size] * size
-            area = {"circle": math.pi * d * d / 4, "square": d * d, "triangle": d * d / 2, "diamond": d * d / 2}[spec.shape]
+            area = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5}[spec.shape] * d * d
             fg = np.array(shapes.PALETTE[spec.colour], float) - np.array(BACKGROUND)
             coverage = (clip.astype(float) - np.array(BACKGROUND)) @ fg / (fg @ fg)  # (T, H, W)
             np.testing.assert_allclose(coverage.sum(axis=(1, 2)), area, rtol=0.04)
@@ -74,7 +74,8 @@ def test_frames_sizes_and_staying_inside_the_frame():
             cy = coverage.sum(axis=2) @ grid / coverage.sum(axis=(1, 2))
             np.testing.assert_allclose(np.stack([cx, cy], 1), true_centroids(spec, num_frames, size), atol=0.15)
             if num_frames > 1:  # image convention: x to the right, y downwards
-                moved = {"left": -(cx[-1] - cx[0]), "right": cx[-1] - cx[0], "up": -(cy[-1] - cy[0]), "down": cy[-1] - cy[0]}
+                dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
+                moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}
                 assert moved[spec.direction] > 0.2 * size
 
 
@@ -141,14 +142,17 @@ def test_measurer_after_blur_noise_and_colour_shift():
     specs = all_specs()
 
     def degrade(clip, sigma, noise, shift):
-        x = gaussian_filter(clip.astype(np.float32), (0, sigma, sigma, 0)) + np.array(shift) + rng.normal(0, noise, clip.shape)
+        x = gaussian_filter(clip.astype(np.float32), (0, sigma, sigma, 0))
+        x += np.array(shift) + rng.normal(0, noise, clip.shape)
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
-    assert_recovered((degrade(render_clip(s, 9, 32), 1.0, 8.0, (30, -20, 25)) for s in specs), specs, max_centroid_err=1.0)
+    clips = (degrade(render_clip(s, 9, 32), 1.0, 8.0, (30, -20, 25)) for s in specs)
+    assert_recovered(clips, specs, max_centroid_err=1.0)
     # Blurred as much as an 8x-downsampling autoencoder's early reconstructions: bright colours
     # darken toward the background there, and small shapes never reach full contrast.
     heavy = specs[::3]
-    assert_recovered((degrade(render_clip(s, 9, 32), 2.0, 8.0, (0, 0, 0)) for s in heavy), heavy, max_centroid_err=1.0)
+    clips = (degrade(render_clip(s, 9, 32), 2.0, 8.0, (0, 0, 0)) for s in heavy)
+    assert_recovered(clips, heavy, max_centroid_err=1.0)
 
 
 def test_measurer_can_disagree():
@@ -170,7 +174,8 @@ def test_measurer_can_disagree():
 
 def test_synth_cli_writes_mp4_captions_and_manifest(tmp_path):
     out = tmp_path / "shapes"
-    assert cli_main(["data", "synth", "--out", str(out), "--num", "6", "--frames", "9", "--size", "32", "--seed", "5"]) == 0
+    argv = ["data", "synth", "--out", str(out), "--num", "6", "--frames", "9", "--size", "32", "--seed", "5"]
+    assert cli_main(argv) == 0
     assert sorted(p.name for p in out.glob("*.mp4")) == [f"shape_{i:05d}.mp4" for i in range(6)]
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     held = json.loads((out / "heldout.json").read_text())

@@ -75,7 +75,7 @@ class ShapeSpec:
     size: str
     direction: str
     speed: str = "fast"
-    start: tuple[float, float] | None = None  # box centre at frame 0, fractions of the side; None: path centred
+    start: tuple[float, float] | None = None  # box centre at frame 0 (fractions); None: path centred
 
     def __post_init__(self):
         for name, allowed in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES),
@@ -90,7 +90,8 @@ class ShapeSpec:
         end = self.end
         for p in (self.start, end):
             if not all(lo - 1e-9 <= c <= hi + 1e-9 for c in p):
-                raise ValueError(f"{self}: the path {self.start} -> {end} leaves the frame (centres must lie in [{lo:.3f}, {hi:.3f}])")
+                raise ValueError(f"{self}: the path {self.start} -> {end} leaves the frame "
+                                 f"(centres must lie in [{lo:.3f}, {hi:.3f}])")
 
     @property
     def end(self) -> tuple[float, float]:
@@ -148,12 +149,14 @@ def make_dataset_specs(num: int, seed: int = 0, exclude=None) -> list[ShapeSpec]
     return [sample_spec(np.random.default_rng([seed, i]), exclude) for i in range(num)]
 
 
-def heldout_combinations(num: int = 8, seed: int = 0, keys: tuple[str, ...] = ("colour", "shape", "direction")) -> list[dict]:
+def heldout_combinations(num: int = 8, seed: int = 0,
+                         keys: tuple[str, ...] = ("colour", "shape", "direction")) -> list[dict]:
     """`num` attribute combinations to keep out of training, deterministic by seed.
 
     Drawn greedily from a shuffled list of all combinations, skipping any that shares a pair of
-    attribute values with one already chosen: every held-out pair then still occurs in training
-    with all the other values of the third attribute, so an unseen combination is composable.
+    attribute values with one already chosen: each pair of a held-out combination is then held out
+    only once and still occurs in training with every other value of the remaining attribute(s),
+    so each unseen combination is composable from seen parts.
     """
     values = {"colour": COLOURS, "shape": SHAPES, "direction": tuple(DIRECTIONS), "size": SIZES, "speed": tuple(SPEEDS)}
     combos = list(itertools.product(*(values[k] for k in keys)))
@@ -161,7 +164,7 @@ def heldout_combinations(num: int = 8, seed: int = 0, keys: tuple[str, ...] = ("
     chosen, used_pairs = [], set()
     for i in order:
         combo = dict(zip(keys, combos[i]))
-        pairs = {frozenset(p) for p in itertools.combinations(combo.items(), 2)} if len(keys) > 1 else {frozenset(combo.items())}
+        pairs = {frozenset(p) for p in itertools.combinations(combo.items(), min(2, len(keys)))}
         if pairs & used_pairs:
             continue
         chosen.append(combo)
@@ -192,7 +195,7 @@ def paraphrase(spec: ShapeSpec, rng: np.random.Generator) -> str:
     verb = _VERBS[rng.integers(len(_VERBS))]
     if rng.random() < 0.5:
         return f"a {size} {colour} {shape} {verb} {direction}"
-    return f"{direction}, {verb}: one {colour} {shape}, {size}"
+    return f"one {colour} {shape}, {size}, {verb} {direction}"
 
 
 def parse_caption(text: str) -> dict:
@@ -349,12 +352,17 @@ def _nearest_colour(diff: np.ndarray) -> str:
 
 
 def measure_clip(frames: np.ndarray) -> Measurement:
-    """Read colour, shape, size, centroid track and direction of the one shape in `frames` (T, H, W, 3)."""
+    """Colour, shape, size, centroid track and direction of the one shape in `frames`.
+
+    `frames`: (T, H, W, 3) RGB levels 0..255 (uint8, or float on that scale; convert a [-1, 1]
+    tensor with `ulvideo.videoio.to_uint8` first). A blank clip measures "none" everywhere.
+    """
     x = np.asarray(frames, dtype=np.float32)
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] != x.shape[2]:
-        raise ValueError(f"measure_clip: expected square (T, H, W, 3) RGB frames, got shape {tuple(np.shape(frames))}")
+        raise ValueError(f"measure_clip: expected square (T, H, W, 3) RGB frames, "
+                         f"got shape {tuple(np.shape(frames))}")
     num_frames, side = x.shape[0], x.shape[1]
     # The shape covers at most ~13 % of a frame, so the per-frame median pixel is background.
     bg = np.median(x.reshape(num_frames, -1, 3), axis=1)  # (T, 3)
@@ -364,9 +372,10 @@ def measure_clip(frames: np.ndarray) -> Measurement:
     core = (dist >= 0.6 * peak[:, None, None]) & visible[:, None, None]
     centroids = np.full((num_frames, 2), np.nan)
     background = tuple(map(float, np.median(bg, axis=0)))
+    blank = Measurement("none", "none", "none", "none", (math.nan,) * 3, math.nan, math.nan, math.nan,
+                        (math.nan, math.nan), side, centroids, np.zeros(num_frames, bool), background)
     if not visible.any():
-        return Measurement("none", "none", "none", "none", (math.nan,) * 3, math.nan, math.nan, math.nan,
-                           (math.nan, math.nan), side, centroids, visible, background)
+        return blank
     rgb = np.median(x[core], axis=0)
     colour = _nearest_colour(rgb - np.median(bg, axis=0))
     # Coverage = distance / the shape's contrast: linear in how much of a pixel the shape covers,
@@ -378,6 +387,8 @@ def measure_clip(frames: np.ndarray) -> Measurement:
     area = cov.sum(axis=(1, 2))  # (T,)
     visible &= area > 1.0
     t = np.flatnonzero(visible)
+    if len(t) == 0:
+        return blank
     grid = np.arange(side) + 0.5
     centroids[t, 0] = (cov[t].sum(axis=1) @ grid) / area[t]
     centroids[t, 1] = (cov[t].sum(axis=2) @ grid) / area[t]
@@ -387,7 +398,7 @@ def measure_clip(frames: np.ndarray) -> Measurement:
     if len(t) >= 2:
         velocity = tuple(float(np.polyfit(t, centroids[t, i], 1)[0]) for i in range(2))
         if math.hypot(*velocity) * (num_frames - 1) >= MIN_TRAVEL * side:
-            direction = max(DIRECTIONS, key=lambda d: velocity[0] * DIRECTIONS[d][0] + velocity[1] * DIRECTIONS[d][1])
+            direction = max(DIRECTIONS, key=lambda d: np.dot(velocity, DIRECTIONS[d]))
     return Measurement(colour, shape, size, direction, tuple(map(float, rgb)), float(np.median(area[t])), blur,
                        residual, velocity, side, centroids, visible, background)
 
