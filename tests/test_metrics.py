@@ -62,7 +62,10 @@ class FakeExtractor:
     dim = 6
     device = torch.device("cpu")
 
+    weights = {"sha256": "0" * 64}
+
     class protocol:
+        name = "fake"
         covariance = "unbiased"
 
     def __call__(self, clips):
@@ -87,6 +90,7 @@ def test_accumulator_equals_one_shot_reference():
     ref = frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), fg.mean(0), np.cov(fg, rowvar=False))
     assert out["recon/rfvd"] == pytest.approx(ref, rel=1e-8, abs=1e-10)
     assert "recon/lpips" not in out
+    assert acc.provenance()["fvd_preset"] == "fake"
 
 
 def test_accumulator_without_extractor_and_empty():

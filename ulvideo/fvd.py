@@ -280,7 +280,8 @@ def load_weights(kind: str, path=None, sha256: str | None = None, device="cpu"):
     expected = (sha256 or os.environ.get("ULVIDEO_I3D_SHA256") or info.sha256 or "").strip().lower()
     vouched = "published" if expected and expected == (info.sha256 or "") else ("user" if expected else "none")
     if expected and digest != expected:
-        raise WeightsError(f"{p}: sha256 is {digest}, expected {expected} ({vouched}); wrong or damaged file "
+        origin = "the published value" if vouched == "published" else "--i3d-sha256 / $ULVIDEO_I3D_SHA256"
+        raise WeightsError(f"{p}: sha256 is {digest}, expected {expected} (from {origin}); wrong or damaged file "
                            f"(the right one: {info.filename}, {' | '.join(info.published)})")
     record = {"kind": kind, "file": str(p), "sha256": digest, "sha256_vouched_by": vouched}
     if kind == "i3d_torchscript":

@@ -22,6 +22,7 @@ Held-out evaluation during training (the loop calls this every `eval.every` step
     for real, recon in heldout_pairs:           # uint8 (B, T, H, W, 3) or float (B, 3, T, H, W)
         rec.update(real, recon)
     logs = rec.compute()   # {"recon/psnr", "recon/ssim", ["recon/lpips"], ["recon/rfvd"], "recon/num_clips"}
+    header = rec.provenance()  # preset and I3D sha256 behind rFVD: write once with the run's metrics
 
 `compute` all-reduces over the default process group (or `group`) when torch.distributed is
 initialized; every rank gets the same numbers. Bits per clip come from the model's own ELBO.
@@ -289,6 +290,13 @@ class ReconstructionMetrics:
         if self.extractor is not None:
             self.real_stats.update(self.extractor(x))
             self.recon_stats.update(self.extractor(y))
+
+    def provenance(self) -> dict:
+        """What the numbers depend on besides the clips; log it once beside them."""
+        out = {"psnr": f"per clip, uint8, capped at {PSNR_CAP_DB} dB", "ssim": "Wang et al. 2004, gaussian 11x11"}
+        if self.extractor is not None:
+            out |= {"fvd_preset": self.extractor.protocol.name, "i3d_sha256": self.extractor.weights.get("sha256")}
+        return out
 
     def compute(self, group=None) -> dict[str, float]:
         sums = _all_reduce_sum(self.sums.clone(), group)
