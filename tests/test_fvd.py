@@ -277,7 +277,8 @@ def test_cli_calc_streams_from_a_pipeline(tiny):
     tmp, weights, mp = tiny
     calls = []
 
-    def pipe(prompts, seed):
+    def pipe(prompts, seed, **sampling):
+        assert sampling == {"steps": 5, "decoder_steps": 32, "sampler": "ddim", "guidance": 1.0}
         calls.append((list(prompts), seed))
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, 256, (len(prompts), 17, 32, 32, 3), generator=g, dtype=torch.uint8)
@@ -286,11 +287,11 @@ def test_cli_calc_streams_from_a_pipeline(tiny):
     (tmp / "prompts.txt").write_text("a red circle\n\na blue square\nthree\n")
     out = tmp / "gen.json"
     assert run_cli(["fvd", "calc", "--export", "s1", "--base", "s2", "--prompts", str(tmp / "prompts.txt"),
-                    "--ref", str(tmp / "ref.npz"), "--weights", str(weights), "--batch-size", "3", "--seed", "7",
+                    "--ref", str(tmp / "ref.npz"), "--weights", str(weights), "--batch-size", "3", "--seed", "7", "--steps", "5", "--sampler", "ddim",
                     "--device", "cpu", "--out", str(out)]) == 0
     assert calls == [(["a red circle", "a blue square", "three"], 7), (["a red circle"], 8)]
     res = json.loads(out.read_text())
-    assert res["num_gen"] == 4 and res["fvd"] > 0 and res["source"]["seed"] == 7
+    assert res["num_gen"] == 4 and res["fvd"] > 0 and res["source"]["seed"] == 7 and res["source"]["steps"] == 5
 
 
 def test_cli_refuses_other_weights(tiny, capsys):

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--i3d-sha256", default=None, help="confirm the weights' sha256 (needed for a TorchScript file)")
     fc.add_argument("--device", default="auto")
     fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--steps", type=int, default=64, help="base-model sampler steps (with --export)")
+    fc.add_argument("--decoder-steps", type=int, default=32)
+    fc.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    fc.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     fc.add_argument("--out", default=None, help="write the result as JSON here too")
     fc.set_defaults(run=_handler("fvd", "main_calc"))
 

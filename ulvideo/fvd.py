@@ -418,7 +418,7 @@ def main_ref(args) -> int:
         ext = load_extractor(p, args.weights, getattr(args, "i3d_sha256", None), _device(getattr(args, "device", None)),
                              args.batch_size)
     except (KeyError, WeightsError) as e:
-        print(f"ulvideo fvd ref: {e}", file=sys.stderr)
+        print(f"ulvideo fvd ref: {e.args[0]}", file=sys.stderr)
         return 2
     root = Path(args.data)
     folder = root / p.reference_split if p.reference_split and (root / p.reference_split).is_dir() else root
@@ -454,12 +454,18 @@ def _load_pipeline(args):
     return gen.load_pipeline(args.export, args.base), None
 
 
+def _sampling(args) -> dict:
+    """Sampler settings passed to the pipeline and recorded with the score."""
+    return {k: getattr(args, k) for k in ("steps", "decoder_steps", "sampler", "guidance") if hasattr(args, k)}
+
+
 def _generated_clips(pipe, prompts: list[str], args, p: Protocol, limit: int):
     """Stream uint8 clips from the pipeline; prompts cycle; the seed advances by one per batch."""
     made, step = 0, 0
     while made < limit:
         n = min(args.batch_size, limit - made)
-        clips = torch.as_tensor(pipe([prompts[(made + i) % len(prompts)] for i in range(n)], seed=args.seed + step))
+        clips = torch.as_tensor(pipe([prompts[(made + i) % len(prompts)] for i in range(n)], seed=args.seed + step,
+                                     **_sampling(args)))
         if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[1] < clip_span(p):
             raise ValueError(f"the pipeline returned {clips.dtype} {tuple(clips.shape)}; the protocol needs "
                              f"uint8 (B, >= {clip_span(p)}, H, W, 3)")
@@ -479,7 +485,7 @@ def main_calc(args) -> int:
         ext = load_extractor(p, args.weights, getattr(args, "i3d_sha256", None), _device(getattr(args, "device", None)),
                              args.batch_size)
     except (OSError, ValueError, KeyError, WeightsError) as e:
-        print(f"ulvideo fvd calc: {e}", file=sys.stderr)
+        print(f"ulvideo fvd calc: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     if ext.weights["sha256"] != meta["weights"]["sha256"]:
         print(f"ulvideo fvd calc: weights {ext.weights['sha256']} differ from the reference's "
@@ -502,7 +508,8 @@ def main_calc(args) -> int:
         if pipe is None:
             print(f"ulvideo fvd calc: {why}", file=sys.stderr)
             return 2
-        source = {"export": args.export, "base": args.base, "prompts": args.prompts, "seed": args.seed}
+        source = {"export": args.export, "base": args.base, "prompts": args.prompts, "seed": args.seed,
+                  **_sampling(args)}
         clips = _generated_clips(pipe, prompts, args, p, p.num_gen)
     with tqdm(total=p.num_gen, desc=f"fvd calc {p.name}", unit="clip") as bar:
         _accumulate(clips, ext, stats, args.batch_size, bar)
