@@ -2,7 +2,7 @@
 
     out = Decoder(cfg, C)(x_t (B, 3, T, H, W), z0 (B, C, T', H', W'), logsnr (B,)) -> (B, 3, T, H, W)
 
-U-ViT (Hoogeboom et al. 2023, the paper's decoder, PAPER.md §1): optional 2x2 patching, conv
+U-ViT (Hoogeboom et al., simple diffusion; the paper's decoder, PAPER.md §1): optional 2x2 patching, conv
 stages (`channels`, each ending in a 2x spatial downsampling), a transformer at the lowest
 resolution, and the mirrored conv stages with skip connections. Time is never downsampled: the
 conv stages mix frames with causal 3x3x3 convs and the transformer attends across frames

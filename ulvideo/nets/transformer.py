@@ -230,7 +230,8 @@ class LatentTransformer(nn.Module):
             else:
                 if text_emb.ndim != 3 or text_emb.shape[0] != batch or text_emb.shape[2] != self.text_dim:
                     raise ValueError(f"text_emb must be ({batch}, L, {self.text_dim}), got {tuple(text_emb.shape)}")
-                text = torch.cat([null.to(text_emb.dtype), self.text_proj(text_emb)], dim=1)
+                proj = self.text_proj(text_emb)
+                text = torch.cat([null.to(proj.dtype), proj], dim=1)
                 if text_mask is not None:
                     if text_mask.shape != text_emb.shape[:2] or text_mask.dtype != torch.bool:
                         raise ValueError(f"text_mask must be bool {tuple(text_emb.shape[:2])}, got "
