@@ -202,13 +202,17 @@ def _sum_per_sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def eps_sq_error(
-    output: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, logsnr: torch.Tensor, kind: Prediction
+    output: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, logsnr: torch.Tensor, kind: Prediction,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """||eps - eps_hat||^2 per sample, from the network's own output (no division by alpha or sigma):
 
         ||eps - eps_hat||^2 = e^lambda ||x - x_hat||^2 = sigmoid(lambda) ||v - v_hat||^2.
+
+    `mask` (broadcastable to x, 1 = counted) excludes elements, e.g. given context frames.
     """
-    err = _sum_per_sample((output.float() - target(x.float(), eps.float(), logsnr, kind)) ** 2)
+    sq = (output.float() - target(x.float(), eps.float(), logsnr, kind)) ** 2
+    err = _sum_per_sample(sq if mask is None else sq * mask)
     logsnr = logsnr.float()
     if kind == "eps":
         return err
@@ -222,7 +226,7 @@ def eps_sq_error(
 # --------------------------------------------------------------------------------------------
 
 
-def terminal_kl(x: torch.Tensor, logsnr_min: float) -> torch.Tensor:
+def terminal_kl(x: torch.Tensor, logsnr_min: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(N(alpha_min x, sigma_min^2 I) || N(0, I)) per sample, in nats.
 
     = 1/2 sum(alpha^2 x^2 + sigma^2 - 1 - ln sigma^2); the last three terms are computed as
@@ -231,7 +235,7 @@ def terminal_kl(x: torch.Tensor, logsnr_min: float) -> torch.Tensor:
     a = torch.sigmoid(torch.tensor(float(logsnr_min), dtype=torch.float64))
     const = float(-a - torch.log1p(-a))  # sigma^2 - 1 - ln sigma^2, per element
     per_elem = 0.5 * (float(a) * x.float() ** 2 + const)
-    return _sum_per_sample(per_elem)
+    return _sum_per_sample(per_elem if mask is None else per_elem * mask)
 
 
 @dataclass
@@ -254,6 +258,7 @@ def elbo(
     eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     time_sampling: str = "stratified",
+    mask: torch.Tensor | None = None,
 ) -> ELBOTerms:
     """Unweighted diffusion ELBO of x (per sample, nats), DESIGN.md §1:
 
@@ -262,6 +267,7 @@ def elbo(
     With t ~ U[0, 1] through the schedule, the integral's estimate is 1/2 (-dlambda/dt) ||eps - eps_hat||^2
     (for LinearSchedule this is (lambda_max - lambda_min)/2 ||eps - eps_hat||^2, i.e. lambda ~ U).
     The weight is exactly 1 in lambda: nothing is detached, so gradients reach x everywhere.
+    `mask` (1 = counted) restricts both terms to some elements (a conditional ELBO of the rest).
     """
     b = x.shape[0]
     if t is None:
@@ -271,8 +277,8 @@ def elbo(
     logsnr = schedule.logsnr(t)
     z = add_noise(x.float(), logsnr, eps)
     out = denoise(z.to(x.dtype), logsnr)
-    diffusion = 0.5 * (-schedule.dlogsnr_dt(t)) * eps_sq_error(out, x, eps, logsnr, kind)
-    return ELBOTerms(diffusion, terminal_kl(x, schedule.logsnr_min), logsnr)
+    diffusion = 0.5 * (-schedule.dlogsnr_dt(t)) * eps_sq_error(out, x, eps, logsnr, kind, mask)
+    return ELBOTerms(diffusion, terminal_kl(x, schedule.logsnr_min, mask), logsnr)
 
 
 def sigmoid_weight(logsnr: torch.Tensor, bias: float) -> torch.Tensor:
@@ -290,6 +296,7 @@ def sigmoid_weighted_loss(
     eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     time_sampling: str = "stratified",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample 1/2 (-dlambda/dt) sigmoid(b - lambda) ||eps - eps_hat||^2 (nats), and the logSNRs used."""
     b = x.shape[0]
@@ -301,7 +308,7 @@ def sigmoid_weighted_loss(
     z = add_noise(x.float(), logsnr, eps)
     out = denoise(z.to(x.dtype), logsnr)
     w = 0.5 * (-schedule.dlogsnr_dt(t)) * sigmoid_weight(logsnr, bias)
-    return w * eps_sq_error(out, x, eps, logsnr, kind), logsnr
+    return w * eps_sq_error(out, x, eps, logsnr, kind, mask), logsnr
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +346,7 @@ def sample(
     generator: torch.Generator | None = None,
     clip_x: float | None = None,
     progress: Callable[[int], None] | None = None,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SampleResult:
     """Integrate from z at logsnrs[0] to logsnrs[-1] (increasing), with DDPM (ancestral) or DDIM steps.
 
@@ -346,10 +354,21 @@ def sample(
         z_t = r (alpha_t / alpha_s) z_s + alpha_t (1 - r) x_hat + sigma_t sqrt(1 - r) eps
     (the Gaussian posterior q(z_t | z_s, x = x_hat)); DDIM: z_t = alpha_t x_hat + sigma_t eps_hat.
     The last step lands exactly on logsnrs[-1] (e.g. lambda_0 = 5 for the base model).
+    `known = (x_known, mask)` keeps the masked elements (mask = 1) on their forward-noised values
+    alpha_t x_known + sigma_t eps_known (one fixed eps_known) at every logSNR: context frames.
     """
     b = z.shape[0]
     z = z.float()
     x_hat = z
+    if known is not None:
+        x_known, keep = known[0].float(), known[1].float()
+        eps_known = torch.randn(x_known.shape, generator=generator, device=z.device)
+
+        def impose(z: torch.Tensor, logsnr: float) -> torch.Tensor:
+            a, s = (float(v) for v in alpha_sigma(torch.tensor(logsnr)))
+            return z * (1 - keep) + keep * (a * x_known + s * eps_known)
+
+        z = impose(z, float(logsnrs[0]))
     for i in range(len(logsnrs) - 1):
         ls, lt = float(logsnrs[i]), float(logsnrs[i + 1])
         lam = torch.full((b,), ls, device=z.device)
@@ -369,6 +388,8 @@ def sample(
             z = r * (a_t / a_s) * z + a_t * one_minus_r * x_hat + s_t * math.sqrt(one_minus_r) * noise
         else:
             raise ValueError(f"unknown sampler '{method}' (ddpm, ddim)")
+        if known is not None:
+            z = impose(z, lt)
         if progress is not None:
             progress(i)
     return SampleResult(z, x_hat)

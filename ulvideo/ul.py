@@ -1,0 +1,264 @@
+"""Unified Latents, stage 1: encoder + diffusion prior + diffusion decoder, one objective.
+
+    L = L_prior + L_dec                                              (nats per clip, DESIGN.md §1)
+    L_prior = 1/2 int_{lambda_min}^{lambda_0} ||eps - eps_hat(z_lambda, lambda)||^2 dlambda + KL_terminal
+    L_dec   = c_lf * 1/2 E_t[(-dlambda/dt) sigmoid(b - lambda) ||eps - eps_hat(x_lambda, z0, lambda)||^2]
+    z0      = alpha_0 z_clean + sigma_0 eps_z,  lambda_0 = 5, fresh eps_z every step.
+
+This module owns lambda_0 (`latent_logsnr`), lambda_min (`prior_logsnr_min`), the loss factor and the
+decoder's sigmoid bias (`ULConfig`). Terms come back per sample; the training loop reduces them.
+Both terms are per-clip sums; the loop divides their sum by one common constant only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ulvideo import diffusion as D
+from ulvideo.config import Config
+from ulvideo.nets import Decoder, Encoder, LatentTransformer
+
+
+@dataclass
+class ULTerms:
+    """Per-sample terms, nats. `rate` is the prior's ELBO (the latent's bitrate bound)."""
+
+    rate: torch.Tensor  # (B,) L_prior = rate_diffusion + rate_terminal
+    rate_diffusion: torch.Tensor  # (B,)
+    rate_terminal: torch.Tensor  # (B,)
+    distortion: torch.Tensor  # (B,) L_dec, already multiplied by the loss factor
+    prior_logsnr: torch.Tensor  # (B,)
+    decoder_logsnr: torch.Tensor  # (B,)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.rate + self.distortion
+
+
+def rate_gradient_scale(step: int, hold_steps: int, ramp_steps: int) -> float:
+    """0 during the rate hold, then a linear ramp to 1 (DESIGN.md "Start-up dynamics")."""
+    if step < hold_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (step - hold_steps + 1) / ramp_steps)
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Same values as x; the gradient flowing back through it is multiplied by `scale`."""
+    if scale == 1.0:
+        return x
+    d = x.detach()
+    return d if scale == 0.0 else d + scale * (x - d)
+
+
+class UnifiedLatents(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        u, e = cfg.ul, cfg.encoder
+        self.latent_channels = e.latent_channels
+        self.encoder = Encoder(e)
+        self.prior = LatentTransformer(cfg.prior, e.latent_channels)
+        self.decoder = Decoder(cfg.decoder, e.latent_channels, e.temporal_downsample, e.spatial_downsample)
+        self.prior_schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)
+        self.decoder_schedule = D.CosineSchedule(cfg.decoder.logsnr_max, cfg.decoder.logsnr_min, cfg.decoder.shift)
+        a0, s0 = D.alpha_sigma(torch.tensor(u.latent_logsnr, dtype=torch.float64))
+        self.alpha0, self.sigma0 = float(a0), float(s0)
+
+    # ---- the jobs --------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> z_clean (B, C, T', H', W'), deterministic."""
+        return self.encoder(x)
+
+    def noisy_latent(self, z_clean: torch.Tensor, generator: torch.Generator | None = None, mode: str = "sample") -> torch.Tensor:
+        """z0 = alpha_0 z_clean + sigma_0 eps_z ("sample", what the decoder sees in training) or alpha_0 z_clean ("mean")."""
+        if mode == "mean":
+            return self.alpha0 * z_clean
+        if mode != "sample":
+            raise ValueError(f"latent noise mode '{mode}' (sample, mean)")
+        eps = torch.randn(z_clean.shape, generator=generator, device=z_clean.device, dtype=torch.float32)
+        return (self.alpha0 * z_clean.float() + self.sigma0 * eps).to(z_clean.dtype)
+
+    def prior_denoise(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        return self.prior(z, logsnr)
+
+    def decoder_denoise(self, z0: torch.Tensor):
+        return lambda x_t, logsnr: self.decoder(x_t, z0, logsnr)
+
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None, rate_scale: float = 1.0) -> ULTerms:
+        """Stage-1 terms for a batch of clips x (B, 3, T, H, W) in [-1, 1].
+
+        Independent times and noises for prior and decoder, all drawn from `generator`.
+        `rate_scale` scales the rate's gradient into the encoder (1 after the start-up ramp).
+        """
+        u = self.cfg.ul
+        z_clean = self.encode(x)
+        z_for_prior = scale_gradient(z_clean, rate_scale)
+        # z_lambda is built from z_clean with its own noise (never by re-noising z0)
+        prior = D.elbo(self.prior_denoise, z_for_prior, self.prior_schedule, self.cfg.prior.prediction,
+                       generator=generator, time_sampling=u.time_sampling)
+        z0 = self.noisy_latent(z_clean, generator)
+        dist, dec_logsnr = D.sigmoid_weighted_loss(
+            self.decoder_denoise(z0), x, self.decoder_schedule, self.cfg.decoder.prediction, u.sigmoid_bias,
+            generator=generator, time_sampling=u.time_sampling)
+        return ULTerms(prior.total, prior.diffusion, prior.terminal, u.loss_factor * dist, prior.logsnr, dec_logsnr)
+
+    @torch.no_grad()
+    def decoder_gain(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-clip bits the decoder saves by seeing the right latent instead of another clip's.
+
+        Weighted decoder loss with the batch's latents rolled by one, minus with the right ones,
+        same times and noises. Near 0 means the latent carries nothing the decoder uses (collapse).
+        """
+        b = x.shape[0]
+        if b < 2:
+            return torch.zeros(b, device=x.device)
+        z0 = self.noisy_latent(self.encode(x), generator)
+        t = D.sample_times(b, self.cfg.ul.time_sampling, generator, x.device)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        kw = dict(schedule=self.decoder_schedule, kind=self.cfg.decoder.prediction, bias=self.cfg.ul.sigmoid_bias, t=t, eps=eps)
+        right, _ = D.sigmoid_weighted_loss(self.decoder_denoise(z0), x, **kw)
+        wrong, _ = D.sigmoid_weighted_loss(self.decoder_denoise(z0.roll(1, dims=0)), x, **kw)
+        return self.cfg.ul.loss_factor * (wrong - right) / math.log(2)
+
+    @torch.no_grad()
+    def rate_bits(self, z_clean: torch.Tensor, num_logsnrs: int | None = None, seed: int = 0) -> torch.Tensor:
+        """Held-out rate per clip in bits: K stratified logSNRs per clip with a fixed seed."""
+        k = num_logsnrs or self.cfg.ul.eval_logsnr_samples
+        g = torch.Generator(device=z_clean.device).manual_seed(seed)
+        total = torch.zeros(z_clean.shape[0], device=z_clean.device)
+        for i in range(k):
+            # stratum i of K for every clip, with an independent offset per clip
+            t = (i + torch.rand(z_clean.shape[0], generator=g, device=z_clean.device)) / k
+            total += D.elbo(self.prior_denoise, z_clean, self.prior_schedule, self.cfg.prior.prediction, t=t, generator=g).total
+        return total / k / math.log(2)
+
+    @torch.no_grad()
+    def decode(self, z0: torch.Tensor, num_frames: int | None = None, steps: int = 32, sampler: str = "ddpm",
+               generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+        """z0 (B, C, T', H', W') -> clips (B, 3, T, H, W) in [-1, 1], T = 1 + 4 (T' - 1) by default.
+
+        x ~ N(0, I) at the decoder's lambda_min, `steps` sampler steps up to its lambda_max, then the
+        final clean prediction at lambda_max, clipped to [-1, 1].
+        """
+        e = self.cfg.encoder
+        b, _, tl, hl, wl = z0.shape
+        t = num_frames or 1 + e.temporal_downsample * (tl - 1)
+        shape = (b, 3, t, hl * e.spatial_downsample, wl * e.spatial_downsample)
+        x = torch.randn(shape, generator=generator, device=z0.device, dtype=torch.float32)
+        sched = self.decoder_schedule
+        logsnrs = D.sampling_logsnrs(sched, steps)
+        denoise = self.decoder_denoise(z0)
+        res = D.sample(denoise, x, logsnrs, self.cfg.decoder.prediction, sampler, generator=generator, clip_x=1.0, progress=progress)
+        last = torch.full((b,), sched.logsnr_max, device=z0.device)
+        x_hat, _ = D.predict_x_eps(denoise(res.z, last), res.z, last, self.cfg.decoder.prediction)
+        return x_hat.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, steps: int = 32, sampler: str = "ddpm", latent_noise: str = "sample",
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        z0 = self.noisy_latent(self.encode(x), generator, latent_noise)
+        return self.decode(z0, x.shape[2], steps, sampler, generator)
+
+
+# ============================================================================================
+# Stage 2
+# ============================================================================================
+
+
+@dataclass
+class BaseTerms:
+    loss: torch.Tensor  # (B,) sigmoid-weighted, nats
+    logsnr: torch.Tensor  # (B,)
+
+
+@dataclass
+class Condition:
+    """What the base model is conditioned on; every field optional. `context` holds clean latent
+    frames, `context_mask` (B, T') marks which of them are given."""
+
+    text_emb: torch.Tensor | None = None  # (B, L, D)
+    text_mask: torch.Tensor | None = None  # (B, L) bool
+    label: torch.Tensor | None = None  # (B,) long, -1 = none
+    context: torch.Tensor | None = None  # (B, C, T', H', W')
+    context_mask: torch.Tensor | None = None  # (B, T') bool
+
+    def select(self, keep: torch.Tensor, null: "Condition") -> "Condition":
+        """Per sample: this condition where `keep`, the null condition elsewhere (CFG dropout)."""
+        def pick(a, b):
+            if a is None:
+                return None
+            k = keep.view(-1, *[1] * (a.ndim - 1))
+            return torch.where(k, a, b)
+
+        return Condition(pick(self.text_emb, null.text_emb), pick(self.text_mask, null.text_mask),
+                         pick(self.label, null.label), pick(self.context, null.context),
+                         pick(self.context_mask, null.context_mask))
+
+
+class LatentDiffusion(nn.Module):
+    """The stage-2 base model on frozen stage-1 latents z_clean (DESIGN.md §1, "Stage 2").
+
+    z_lambda = alpha z_clean + sigma eps for lambda in [lambda_min, lambda_0]; sigmoid-weighted loss
+    with its own bias b_base. lambda_0 and lambda_min come from the stage-1 export (`stage1_cfg`).
+    Context frames are clean conditioning, excluded from the loss and kept fixed by the sampler.
+    """
+
+    def __init__(self, cfg: Config, stage1_cfg: Config, text_dim: int = 0):
+        super().__init__()
+        self.cfg, self.stage1_cfg = cfg, stage1_cfg
+        self.latent_channels = stage1_cfg.encoder.latent_channels
+        self.net = LatentTransformer(cfg.base, self.latent_channels, text_dim=text_dim)
+        u = stage1_cfg.ul
+        self.schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)
+
+    def denoise(self, cond: Condition):
+        return lambda z, logsnr: self.net(z, logsnr, text_emb=cond.text_emb, text_mask=cond.text_mask,
+                                          label=cond.label, context=cond.context, context_mask=cond.context_mask)
+
+    def target_mask(self, z_clean: torch.Tensor, cond: Condition) -> torch.Tensor | None:
+        """1 on the latent frames the model generates, 0 on given context frames."""
+        if cond.context_mask is None:
+            return None
+        return (~cond.context_mask).to(z_clean.dtype).view(z_clean.shape[0], 1, -1, 1, 1)
+
+    def loss(self, z_clean: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> BaseTerms:
+        loss, logsnr = D.sigmoid_weighted_loss(
+            self.denoise(cond), z_clean, self.schedule, self.cfg.base.prediction, self.cfg.base.sigmoid_bias,
+            generator=generator, time_sampling=self.stage1_cfg.ul.time_sampling, mask=self.target_mask(z_clean, cond))
+        return BaseTerms(loss, logsnr)
+
+    @torch.no_grad()
+    def elbo_bits(self, z_clean: torch.Tensor, cond: Condition, num_logsnrs: int = 32, seed: int = 0) -> torch.Tensor:
+        """Unweighted ELBO per clip in bits, K stratified logSNRs per clip with a fixed seed: with the
+        null condition this is the quantity the stage-1 prior's bits bound (the tightness check)."""
+        g = torch.Generator(device=z_clean.device).manual_seed(seed)
+        total = torch.zeros(z_clean.shape[0], device=z_clean.device)
+        mask = self.target_mask(z_clean, cond)
+        for i in range(num_logsnrs):
+            t = (i + torch.rand(z_clean.shape[0], generator=g, device=z_clean.device)) / num_logsnrs
+            total += D.elbo(self.denoise(cond), z_clean, self.schedule, self.cfg.base.prediction, t=t, generator=g, mask=mask).total
+        return total / num_logsnrs / math.log(2)
+
+    @torch.no_grad()
+    def sample(self, shape: tuple[int, ...], cond: Condition, null: Condition | None = None, guidance: float = 1.0,
+               steps: int = 64, sampler: str = "ddpm", generator: torch.Generator | None = None,
+               progress=None) -> D.SampleResult:
+        """z ~ N(0, I) at lambda_min -> `steps` steps ending exactly at lambda_0: (z0, final clean prediction)."""
+        z = torch.randn(shape, generator=generator, dtype=torch.float32)
+        denoise = self.denoise(cond)
+        if guidance != 1.0:
+            if null is None:
+                raise ValueError("guidance != 1 needs the null condition")
+            denoise = D.guided(denoise, self.denoise(null), guidance)
+        known = None
+        if cond.context is not None and cond.context_mask is not None and bool(cond.context_mask.any()):
+            known = (cond.context, cond.context_mask.to(torch.float32).view(shape[0], 1, -1, 1, 1))
+        logsnrs = D.sampling_logsnrs(self.schedule, steps)
+        return D.sample(denoise, z, logsnrs, self.cfg.base.prediction, sampler, generator=generator,
+                        progress=progress, known=known)
