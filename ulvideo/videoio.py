@@ -254,6 +254,17 @@ class _ReaderCache:
 
 
 _DECORD_READERS = _ReaderCache()
+_INHERITED: list = []
+
+
+def _forget_readers_after_fork() -> None:
+    # A forked child (a DataLoader worker) must neither use nor destroy the parent's decord
+    # readers: their decoder threads do not exist in the child, and freeing them crashes it.
+    _INHERITED.append(_DECORD_READERS.items)
+    _DECORD_READERS.items = OrderedDict()
+
+
+os.register_at_fork(after_in_child=_forget_readers_after_fork)
 
 
 def _read_decord(path: str, unique: np.ndarray, threads: int) -> np.ndarray:
@@ -390,7 +401,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))[None]
+            return np.array(im.convert("RGB"))[None]  # a copy: PIL's buffer is read-only
     except Exception as e:
         raise VideoError("unreadable image", f"{type(e).__name__}: {e}") from None
 

@@ -1,0 +1,256 @@
+"""`build_loader`: the one entry point of the training loop and of evaluation into the data.
+
+    loader = build_loader(cfg.data, micro_batch_size=8, seed=cfg.train.seed, rank=r, world_size=w)
+    for batch in loader:               # forever; epochs roll over
+        batch["video"]                 # float32 (B, 3, T, H, W) in [-1, 1], one (T, H, W) per batch
+        ...
+    state = loader.state_dict()        # the position after the batches the caller has received
+
+Workers (torch DataLoader processes) decode and crop; they return uint8, and the main process
+converts with `videoio.to_float`. A sample that fails to load is replaced by a seeded choice from
+its bucket and counted in `loader.skips`, so one bad file never stops a run.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ulvideo.data.latents import ShardReader, find_shards
+from ulvideo.data.sampling import TAG_CLIP, ClipSpec, Planner, Request, frame_indices, rng_for
+from ulvideo.data.sources import DataError, Entry, SkipLog, collect, fingerprint, heldout_key
+from ulvideo.videoio import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, read_frames, read_image, to_float
+
+log = logging.getLogger("ulvideo.data")
+MAX_ATTEMPTS = 16  # replacements tried for one failing sample before the batch is given up
+
+
+def resize_crop(frames: np.ndarray, height: int, width: int, resolution: int, u_y: float | None,
+                u_x: float | None, flip: bool) -> torch.Tensor:
+    """uint8 (T, h, w, 3) -> uint8 (T, height, width, 3): resize the short side to `resolution`
+    (or more, so the crop fits; bilinear with antialiasing), crop (u = None: centred, else the
+    offset is drawn from u in [0, 1)), then mirror left-right if `flip`."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, h, w)
+    h, w = x.shape[-2:]
+    scale = max(resolution / min(h, w), height / h, width / w)
+    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (rh, rw) != (h, w):
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    y0 = (rh - height) // 2 if u_y is None else int(u_y * (rh - height + 1))
+    x0 = (rw - width) // 2 if u_x is None else int(u_x * (rw - width + 1))
+    x = x[:, :, y0:y0 + height, x0:x0 + width]
+    if flip:
+        x = x.flip(-1)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by `Request`s: what a worker runs for one sample."""
+
+    def __init__(self, entries: list[Entry], planner: Planner, spec: ClipSpec, *, height: int, width: int,
+                 resolution: int, crop: str, hflip: bool, temporal_offset: str, backend: str, seed: int,
+                 threads: int = 0):
+        self.entries, self.planner, self.spec = entries, planner, spec
+        self.height, self.width, self.resolution = height, width, resolution
+        self.random_crop, self.hflip, self.random_offset = crop == "random", hflip, temporal_offset == "random"
+        self.backend, self.seed, self.threads = backend, seed, threads
+
+    def _load(self, e: Entry, req: Request) -> torch.Tensor:
+        u = rng_for(self.seed, TAG_CLIP, req.epoch, req.index, req.slot).random(4)
+        train = req.train
+        if e.kind == "image":
+            frames = read_image(e.path)
+        else:
+            idx = frame_indices(self.spec, e.first, e.count, e.fps, u[0] if train and self.random_offset else None)
+            frames = read_frames(e.path, idx, self.backend, rotation=e.rotation, threads=self.threads)
+        rc = train and self.random_crop
+        return resize_crop(frames, self.height, self.width, self.resolution, u[1] if rc else None,
+                           u[2] if rc else None, bool(train and self.hflip and u[3] < 0.5))
+
+    def __getitem__(self, req: Request) -> dict:
+        skipped, entry = [], req.entry
+        for attempt in range(MAX_ATTEMPTS):
+            e = self.entries[entry]
+            try:
+                frames = self._load(e, req)
+                return {"frames": frames, "caption": e.caption, "label": e.label, "source": e.source,
+                        "_pos": (req.epoch, req.batch), "_skips": skipped}
+            except (VideoError, OSError, RuntimeError, ValueError) as err:
+                reason = err.reason if isinstance(err, VideoError) else type(err).__name__
+                skipped.append((e.path, f"load failed: {reason}", str(err)[:300]))
+                entry = self.planner.substitute(req, attempt)
+        raise DataError(f"{MAX_ATTEMPTS} samples in a row failed to load; last: {skipped[-1]}")
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    def __init__(self, entries, planner: Planner):
+        self.entries, self.planner, self.reader = entries, planner, ShardReader()
+
+    def __getitem__(self, req: Request) -> dict:
+        out = self.reader.load(self.entries[req.entry])
+        out["_pos"], out["_skips"] = (req.epoch, req.batch), []
+        return out
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key == "_pos":
+            out[key] = values[0]
+        elif key == "_skips":
+            out[key] = [item for v in values for item in v]
+        elif isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif key in ("label", "num_frames"):
+            out[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[key] = values
+    return out
+
+
+class _BatchSampler:
+    def __init__(self, planner: Planner, epoch: int, batch: int):
+        self.planner, self.epoch, self.batch = planner, epoch, batch
+
+    def __iter__(self):
+        return self.planner.requests(self.epoch, self.batch)
+
+
+class ClipLoader:
+    """Batches forever (train) or for one pass (heldout); resumable at batch granularity."""
+
+    def __init__(self, dataset, planner: Planner, *, kind: str, num_workers: int, skips: SkipLog,
+                 num_entries: int, fingerprint: str, split: str):
+        self.dataset, self.planner, self.kind = dataset, planner, kind
+        self.num_workers, self.skips, self.split = num_workers, skips, split
+        self.num_entries, self.fingerprint = num_entries, fingerprint
+        self._epoch, self._batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.planner.batches_per_epoch()
+
+    def skip_counts(self) -> dict[str, int]:
+        return self.skips.counts()
+
+    def __iter__(self):
+        w = self.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_BatchSampler(self.planner, self._epoch, self._batch), collate_fn=collate,
+            num_workers=w, prefetch_factor=2 if w else None, persistent_workers=False)
+        for batch in loader:
+            epoch, k = batch.pop("_pos")
+            self.skips.merge(batch.pop("_skips"))
+            if "frames" in batch:
+                batch = {"video": to_float(batch.pop("frames")), **batch}  # (B, T, H, W, 3) -> (B, 3, T, H, W)
+            self._epoch, self._batch = epoch, k + 1  # counted when handed to the caller, not when prefetched
+            yield batch
+        if self.split != "train":
+            self._epoch, self._batch = 0, 0  # the pass is complete: the next iteration is a new pass
+
+    def state_dict(self) -> dict:
+        p = self.planner
+        return {"epoch": self._epoch, "batch": self._batch, "seed": p.seed, "rank": p.rank,
+                "world_size": p.world_size, "micro_batch_size": p.batch_size, "split": self.split,
+                "num_entries": self.num_entries, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        p = self.planner
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if state.get("fingerprint") != self.fingerprint or state.get("seed") != p.seed:
+            warnings.warn("data: the dataset or seed differs from the checkpoint's; resuming at the same "
+                          "epoch and batch, but the sample order will not match the original run")
+        old_w = int(state.get("world_size", p.world_size))
+        if old_w != p.world_size or int(state.get("micro_batch_size", p.batch_size)) != p.batch_size:
+            # Keep the number of samples already seen: convert through the global batch count.
+            seen = batch * old_w * int(state.get("micro_batch_size", p.batch_size))
+            batch = seen // (p.world_size * p.batch_size)
+            warnings.warn(f"data: world size / micro batch changed; resuming epoch {epoch} at batch {batch}")
+        self._epoch, self._batch = epoch, batch
+
+
+def _spec(d) -> ClipSpec:
+    return ClipSpec(d.num_frames, d.frame_stride, d.target_fps)
+
+
+def resolve_kind(d) -> str:
+    if d.kind != "auto":
+        return d.kind
+    from pathlib import Path
+
+    root = Path(d.path)
+    if not root.is_dir():
+        raise DataError(f"data.path '{d.path}' is not a folder")
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if any(p.name.endswith(".json") and p.with_suffix(".safetensors").exists() for p in files):
+        return "latents"
+    if d.manifest or any(p.suffix.lower() in VIDEO_EXTENSIONS for p in files):
+        return "video"
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+        return "image"
+    raise DataError(f"data.path '{d.path}': no videos, images or latent shards found")
+
+
+def build_loader(data_cfg, *, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 split: str = "train") -> ClipLoader:
+    """See the module docstring. Raises DataError when no usable clip is left."""
+    d = data_cfg
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if d.frame_stride < 1 or d.num_frames < 1 or d.target_fps < 0:
+        raise DataError(f"data: num_frames {d.num_frames}, frame_stride {d.frame_stride}, target_fps {d.target_fps}")
+    kind, skips, spec = resolve_kind(d), SkipLog(), _spec(d)
+    if kind == "latents":
+        entries = find_shards(d.path, skips)
+    else:
+        entries = []
+        if kind in ("video", "mixed"):
+            entries += collect(d.path, kind="video", manifest=d.manifest, missing_caption=d.missing_caption,
+                               span=spec.span, short_video=d.short_video, skips=skips)
+        if kind in ("image", "mixed"):
+            entries += collect(d.image_path or d.path, kind="image", manifest=d.manifest,
+                               missing_caption=d.missing_caption, skips=skips)
+    found = len(entries)
+    held = [heldout_key(e.rel) < d.heldout_fraction for e in entries]
+    entries = [e for e, h in zip(entries, held) if h == (split == "heldout")]
+    if not entries:
+        what = "held-out" if split == "heldout" else "usable"
+        raise DataError(
+            f"data.path '{d.path}' (kind {kind}): no {what} clips ({found} usable before the held-out split, "
+            f"heldout_fraction {d.heldout_fraction}); skipped: {skips.summary()}. "
+            f"Run `ulvideo data scan {d.path}` for a per-file report.")
+    if kind == "latents":
+        keys = sorted({e.shape for e in entries})
+        is_image = [s[1] == 1 for s in keys]
+        key_of = [keys.index(e.shape) for e in entries]
+    else:
+        keys = sorted({(1 if e.kind == "image" else d.num_frames, d.height, d.width) for e in entries})
+        is_image = [k[0] == 1 for k in keys]
+        key_of = [keys.index((1 if e.kind == "image" else d.num_frames, d.height, d.width)) for e in entries]
+    planner = Planner(np.asarray(key_of), is_image, micro_batch_size=micro_batch_size, seed=seed, rank=rank,
+                      world_size=world_size, train=split == "train",
+                      image_ratio=d.image_ratio if kind == "mixed" else None)
+    if kind == "latents":
+        dataset = LatentDataset(entries, planner)
+    else:
+        dataset = ClipDataset(entries, planner, spec, height=d.height, width=d.width, resolution=d.resolution,
+                              crop=d.crop, hflip=d.hflip, temporal_offset=d.temporal_offset, backend=d.backend,
+                              seed=seed, threads=1 if d.num_workers else 0)
+    if split == "train" and planner.batches_per_epoch() == 0:
+        raise DataError(f"data.path '{d.path}': no batches for rank {rank} of {world_size}")
+    log.info("data: %d %s clips (%s), %d batches per epoch on this rank; skipped: %s", len(entries), split,
+             kind, planner.batches_per_epoch(), skips.summary())
+    return ClipLoader(dataset, planner, kind=kind, num_workers=d.num_workers, skips=skips,
+                      num_entries=len(entries), fingerprint=_fingerprint(entries), split=split)
+
+
+def _fingerprint(entries) -> str:
+    if entries and isinstance(entries[0], Entry):
+        return fingerprint(entries)
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{e.shard}:{e.index}" for e in entries).encode()).hexdigest()[:16]
