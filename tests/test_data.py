@@ -259,11 +259,16 @@ def test_scan_report(tmp_path):
     assert {"codec.avi", "text.mp4", "truncated.mp4", "folder.mp4"} <= set(skipped)
     usable = {v["path"]: v for v in report["videos"]}
     assert set(usable) == {"ok.mp4", "one_frame.mp4", "short.mp4", "odd.mp4", "rotated.mp4", "vfr.mp4"}
-    assert (usable["rotated.mp4"]["width"], usable["rotated.mp4"]["height"], usable["rotated.mp4"]["rotation"]) == (32, 64, 90)
+    rot = usable["rotated.mp4"]
+    assert (rot["width"], rot["height"], rot["rotation"]) == (32, 64, 90)
     assert usable["vfr.mp4"]["vfr"] is True and usable["vfr.mp4"]["frames"] == 12
     assert (usable["odd.mp4"]["width"], usable["odd.mp4"]["height"]) == (47, 33)
     assert usable["ok.mp4"]["duration"] == pytest.approx(12 / 8)
-    del expect
+    assert {k: skipped[k] for k in expect if k in skipped} == {k: v for k, v in expect.items() if "shorter" not in v}
+    from ulvideo.cli import main
+
+    assert main(["data", "scan", str(tmp_path / "bad"), "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["usable_videos"] == 6
 
 
 def test_resume_is_exact_and_independent_of_workers(numbered_dir):

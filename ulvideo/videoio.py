@@ -109,13 +109,12 @@ def _open_av(path: str):
     stream = container.streams.video[0]
     if stream.codec_context is None:  # a codec ffmpeg has no decoder for
         container.close()
-        raise VideoError("unsupported codec", f"stream codec tag {stream.codec_tag!r}" if hasattr(stream, "codec_tag") else "")
+        raise VideoError("unsupported codec", "no decoder for the video stream")
     return container, stream
 
 
 def _normalise_rotation(degrees: float | None) -> int:
-    r = int(round((degrees or 0) / 90.0)) * 90 % 360
-    return r
+    return int(round((degrees or 0) / 90.0)) * 90 % 360
 
 
 def _rotate(frames: np.ndarray, rotation: int) -> np.ndarray:

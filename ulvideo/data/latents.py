@@ -38,14 +38,16 @@ def write_latent_shard(path_prefix, z_clean: torch.Tensor, captions: list[str], 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     n = z_clean.shape[0]
     if z_clean.ndim != 5 or not z_clean.is_floating_point():
-        raise ValueError(f"z_clean must be a float (N, C, T', H', W') tensor, got {z_clean.dtype} {tuple(z_clean.shape)}")
+        raise ValueError(f"z_clean must be a float (N, C, T', H', W') tensor, got {z_clean.dtype} "
+                         f"{tuple(z_clean.shape)}")
     for name, values in (("captions", captions), ("labels", labels), ("sources", sources), ("num_frames", num_frames)):
         if len(values) != n:
             raise ValueError(f"write_latent_shard: {len(values)} {name} for {n} latents")
     if text is not None:
         emb, mask = text["emb"], text["mask"]
         if emb.ndim != 3 or emb.shape[0] != n or mask.shape != emb.shape[:2]:
-            raise ValueError(f"text: emb (N, L, D) and mask (N, L) expected, got {tuple(emb.shape)}, {tuple(mask.shape)}")
+            raise ValueError(f"text: emb (N, L, D) and mask (N, L) expected, got {tuple(emb.shape)}, "
+                             f"{tuple(mask.shape)}")
         _atomic_save({"emb": emb, "mask": mask.bool()}, Path(f"{prefix}.text.safetensors"))
     _atomic_save({"z_clean": z_clean}, Path(f"{prefix}.safetensors"))
     meta = {"format": FORMAT, "version": VERSION, "count": n, "shape": list(z_clean.shape[1:]),

@@ -41,7 +41,8 @@ class Request:
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """How a clip is cut from a video: `num_frames` frames every `stride`, or at `target_fps`."""
+    """How a clip is cut from a video: `num_frames` frames every `stride`, or at `target_fps`
+    (frame indices from the average rate, so a variable-rate video is sampled by frame count)."""
 
     num_frames: int
     stride: int = 1

@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from ulvideo.videoio import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, probe
 
@@ -182,11 +181,13 @@ def _image_or_reason(path: str):
 
 
 def collect(root: str, *, kind: str, manifest: str = "", missing_caption: str = "empty",
-            span: Callable[[float], int] = lambda fps: 1, short_video: str = "skip", skips: SkipLog, threads: int = 8) -> list[Entry]:
+            span: Callable[[float], int] = lambda fps: 1, short_video: str = "skip", skips: SkipLog,
+            threads: int = 8) -> list[Entry]:
     """Entries of one folder (or manifest): kind "video" or "image".
 
     `span(fps)` is the number of consecutive frames a clip covers in a video of that frame rate;
-    a video with fewer usable frames is skipped ("shorter than clip") or, with short_video="loop", kept and looped when read.
+    a video with fewer usable frames is skipped ("shorter than clip") or, with
+    short_video="loop", kept and looped when read.
     """
     root = os.path.abspath(root)
     exts = VIDEO_EXTENSIONS if kind == "video" else IMAGE_EXTENSIONS
