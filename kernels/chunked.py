@@ -20,11 +20,12 @@ import math
 
 import torch
 
-# Workspace target: one score block over all (B, heads) of at least this many float32 elements
-# (4 MiB, so short sequences run in few, large matmuls) ...
+# Chunk sizing. A score block holds about Nk * head_dim / 4 float32 elements per (batch, head):
+# with the mask slice that is ~1.25 * Nk * head_dim bytes of workspace per (batch, head), 0.08x
+# of q, k, v and out in float32 (0.16x in 16-bit), which keeps the peak within 1.2x of the O(N)
+# bound at long N. Short sequences get at least MIN_BLOCK_ELEMENTS per block over all
+# (batch, heads) (4 MiB), so they run in few, large matmuls.
 MIN_BLOCK_ELEMENTS = 1 << 20
-# ... and at most Nk * head_dim / 4 elements per (batch, head), which keeps the workspace of the
-# forward (score block, its exp, the mask slice) below ~0.2x of q, k, v and out at long N.
 BLOCK_K = 1024
 
 
@@ -66,9 +67,30 @@ def _key_end(causal, causal_block, qe, nk):
     return min(nk, ((qe - 1) // causal_block + 1) * causal_block)
 
 
+class _Workspace:
+    """Float32 score blocks allocated once per call and reused at every step.
+
+    Allocating a fresh multi-MiB block per step let glibc's malloc fragment the heap: on some runs
+    the resident peak at 16k tokens grew from 1.08x to 1.6x of the O(N) bound
+    (benchmarks/attention.py); with reuse the peak is the same on every run.
+    """
+
+    def __init__(self, count: int, numel: int, device):
+        self.bufs = [torch.empty(numel, device=device, dtype=torch.float32) for _ in range(count)]
+
+    def matmul(self, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b as float32, written into buffer i."""
+        shape = (*a.shape[:-1], b.shape[-1])
+        out = self.bufs[i][: math.prod(shape)].view(shape)
+        if a.dtype == torch.float32:
+            return torch.matmul(a, b, out=out)
+        return out.copy_(torch.matmul(a, b))
+
+
 def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
     b, h, nq, d = q.shape
     nk = k.shape[-2]
+    ws = _Workspace(1, b * h * min(nq, block_q) * min(nk, block_k), q.device)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, nq, 1, device=q.device, dtype=torch.float32)
     for qs in range(0, nq, block_q):
@@ -79,7 +101,7 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
         acc = torch.zeros((b, h, qe - qs, d), device=q.device)
         for ks in range(0, _key_end(causal, causal_block, qe, nk), block_k):
             ke = min(nk, ks + block_k)
-            s = torch.matmul(qc, k[:, :, ks:ke].transpose(-1, -2)).float()  # (B, nh, bq, bk)
+            s = ws.matmul(0, qc, k[:, :, ks:ke].transpose(-1, -2))  # (B, nh, bq, bk)
             allowed = _block_mask(mask, causal, causal_block, qs, qe, ks, ke, q.device)
             if allowed is not None:
                 s.masked_fill_(~allowed, float("-inf"))
@@ -91,7 +113,6 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
             l.mul_(correction).add_(p.sum(dim=-1, keepdim=True))
             acc.mul_(correction).add_(torch.matmul(p.to(v.dtype), v[:, :, ks:ke]).float())
             m = m_new
-            del s, p, allowed  # free the block before the next one is allocated
         empty = l == 0
         out[:, :, qs:qe] = (acc / l.masked_fill(empty, 1.0)).to(q.dtype)
         m_safe = m.masked_fill(m == float("-inf"), 0.0)
@@ -100,7 +121,9 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
 
 
 def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, block_q, block_k):
-    nq, nk = q.shape[-2], k.shape[-2]
+    b, h, nq, _ = q.shape
+    nk = k.shape[-2]
+    ws = _Workspace(2, b * h * min(nq, block_q) * min(nk, block_k), q.device)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
@@ -114,17 +137,16 @@ def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, bl
         for ks in range(0, _key_end(causal, causal_block, qe, nk), block_k):
             ke = min(nk, ks + block_k)
             kc, vc = k[:, :, ks:ke], v[:, :, ks:ke]
-            s = torch.matmul(q_scaled, kc.transpose(-1, -2)).float()
+            s = ws.matmul(0, q_scaled, kc.transpose(-1, -2))
             allowed = _block_mask(mask, causal, causal_block, qs, qe, ks, ke, q.device)
             if allowed is not None:
                 s.masked_fill_(~allowed, float("-inf"))
             p = s.sub_(lse_c).exp_()  # P recomputed from the saved logsumexp
             dv[:, :, ks:ke] += torch.matmul(p.to(v.dtype).transpose(-1, -2), doc).float()
-            dp = torch.matmul(doc, vc.transpose(-1, -2)).float()
+            dp = ws.matmul(1, doc, vc.transpose(-1, -2))
             ds = p.mul_(dp.sub_(delta_c)).to(q.dtype)  # dS = P ∘ (dP - D), reusing P's storage
             dq[:, :, qs:qe] += torch.matmul(ds, kc).float()
             dk[:, :, ks:ke] += torch.matmul(ds.transpose(-1, -2), qc).float()
-            del s, p, dp, ds, allowed
     return dq.mul_(scale).to(q.dtype), dk.mul_(scale).to(k.dtype), dv.to(v.dtype)
 
 

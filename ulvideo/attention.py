@@ -27,6 +27,7 @@ on the GPU in question. The backend chosen is logged once per (backend, device t
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -95,8 +96,13 @@ def get_backend() -> str:
     return _configured or "auto"
 
 
+@functools.cache
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _triton_usable(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _installed("triton"):
         return False
     if device.type == "cuda":
         return True
@@ -106,7 +112,7 @@ def _triton_usable(device: torch.device) -> bool:
 
 def _xformers_usable(device: torch.device) -> bool:
     # xformers has no CPU kernels; only look for it where it could run.
-    return device.type == "cuda" and importlib.util.find_spec("xformers") is not None
+    return device.type == "cuda" and _installed("xformers")
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
