@@ -6,6 +6,7 @@ lives here, so the loop never branches on the stage.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -133,6 +134,10 @@ class StageTwo(Objective):
         self._frozen = [stage1]  # a plain list: not a submodule, so DeepSpeed neither trains nor shards it
         self.model = LatentDiffusion(cfg, stage1.cfg, text_dim=self.text.dim if self.text else 0)
         self._heldout = None
+        # text embeddings cached in latent shards are used only if the same encoder made them
+        info = shard_encoding(cfg.data.path)
+        self.cached_text_ok = bool(self.text and info and info.get("text_encoder") == self.text.fingerprint()
+                                   and info.get("text_max_tokens") == self.text.max_tokens)
 
     @property
     def trained(self) -> nn.Module:
@@ -153,7 +158,7 @@ class StageTwo(Objective):
         b = z.shape[0]
         cond, null = Condition(), Condition()
         if self.text is not None:
-            if "text_emb" in batch:
+            if "text_emb" in batch and self.cached_text_ok:
                 cond.text_emb, cond.text_mask = batch["text_emb"].float(), batch["text_mask"].bool()
             else:
                 cond.text_emb, cond.text_mask = self.text.encode(list(batch["caption"]))
@@ -217,6 +222,12 @@ class StageTwo(Objective):
 OBJECTIVES = {"ul": StageOne, "base": StageTwo}
 
 
+def shard_encoding(path: str) -> dict | None:
+    """The `encoding.json` that `ulvideo encode --data` writes beside latent shards, if any."""
+    f = Path(path) / "encoding.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def make_objective(cfg: Config) -> Objective:
     if cfg.stage not in OBJECTIVES:
         raise ConfigError(f"stage '{cfg.stage}' is not available in this version (known: {', '.join(OBJECTIVES)})")
@@ -231,6 +242,18 @@ def preflight(cfg: Config) -> None:
         from ulvideo.checkpoint import load_export
 
         load_export(cfg.base.stage1_export)  # raises a clear error when missing or broken
+        name = cfg.base.text_encoder
+        if name not in ("none", "minilm") and not Path(name).is_dir():
+            raise ConfigError(f"base.text_encoder = '{name}': no such local text-encoder folder "
+                              "(use 'minilm', 'none', or a local Hugging Face T5/CLIP folder)")
+        info = shard_encoding(cfg.data.path)
+        if info is not None:
+            from ulvideo.encode_dataset import file_sha256
+
+            export = Path(cfg.base.stage1_export).with_suffix(".safetensors")
+            if info.get("stage1_sha256") != file_sha256(export):
+                raise ConfigError(f"data.path '{cfg.data.path}' holds latents of another stage-1 export "
+                                  f"({info.get('stage1_export')}), not of base.stage1_export = {export}")
     if not Path(cfg.data.path).exists():
         raise FileNotFoundError(f"data.path '{cfg.data.path}' does not exist (for the built-in data: "
                                 f"ulvideo data synth --out {cfg.data.path})")
