@@ -14,6 +14,14 @@ transformer. z0 is aligned in time (latent frame 0 once, each later frame repeat
 through a small per-frame conv stack at latent resolution and resized (nearest up / average down)
 to every stage's resolution, where it is added to the trunk. This path is deliberately NOT
 zero-initialised, so the decoder depends on z0 from the first steps (DESIGN.md "Start-up dynamics").
+
+Streaming (`ulvideo.streaming`): under `layers.streaming(decoder, cache)` a first call takes
+T = 1 + 4(T' - 1) frames and every later call T = 4 T' frames that continue the clip (their latent
+frames then each cover 4 pixel frames). The conv stages carry their last input frames in the cache;
+the middle transformer keeps the tokens of all earlier frames (they enter its block-causal
+attention) and re-runs its blocks over [earlier, current] frames, returning the current ones. That
+token history grows with the number of frames: T * (H / m) * (W / m) * width values per slot,
+m = `mid_downsampling` (16 at sizes S to L). `cache.origin` places a spatial tile in the position embedding.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ulvideo.nets.layers import (CausalConv3d, FrameGroupNorm, LogSNREmbedding, ResBlock, batch_logsnr,
+from ulvideo.nets.layers import (CausalCache, CausalConv3d, FrameGroupNorm, LogSNREmbedding, ResBlock, batch_logsnr,
                                  check_power_of_two, expand_latent_time, patchify, sincos_3d, unpatchify)
 from ulvideo.nets.sizes import resolve_decoder
 from ulvideo.nets.transformer import TransformerBlock
@@ -57,6 +65,8 @@ class Decoder(nn.Module):
     Residual and transformer blocks are the entries of `self.blocks` (down stages, middle
     transformer, up stages, in execution order).
     """
+
+    stream: CausalCache | None = None  # set by layers.streaming; holds the middle tokens of earlier frames
 
     def __init__(self, cfg, latent_channels: int, temporal_downsample: int = 4, spatial_downsample: int = 8):
         super().__init__()
@@ -117,25 +127,31 @@ class Decoder(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check(self, x_t: torch.Tensor, z0: torch.Tensor) -> None:
+    def _check(self, x_t: torch.Tensor, z0: torch.Tensor, first: bool = True) -> None:
         if x_t.ndim != 5 or x_t.shape[1] != 3:
             raise ValueError(f"decoder expects x_t (B, 3, T, H, W), got {tuple(x_t.shape)}")
         if z0.ndim != 5 or z0.shape[1] != self.latent_channels:
             raise ValueError(f"decoder expects z0 (B, {self.latent_channels}, T', H', W'), got {tuple(z0.shape)}")
         B, _, T, H, W = x_t.shape
         k, s = self.temporal_downsample, self.spatial_downsample
-        if z0.shape[0] != B or T != 1 + k * (z0.shape[2] - 1) or (H, W) != (s * z0.shape[3], s * z0.shape[4]):
-            raise ValueError(f"x_t {tuple(x_t.shape)} does not match z0 {tuple(z0.shape)}: need T = 1 + {k}(T' - 1), "
+        frames = 1 + k * (z0.shape[2] - 1) if first else k * z0.shape[2]
+        if z0.shape[0] != B or T != frames or (H, W) != (s * z0.shape[3], s * z0.shape[4]) or T < 1:
+            need = f"1 + {k}(T' - 1)" if first else f"{k} T' (a streamed chunk after the first)"
+            raise ValueError(f"x_t {tuple(x_t.shape)} does not match z0 {tuple(z0.shape)}: need T = {need}, "
                              f"H = {s} H', W = {s} W'")
         if H % self.mid_downsampling or W % self.mid_downsampling:
             raise ValueError(f"decoder input {H}x{W} must be divisible by {self.mid_downsampling} "
                              f"(patch {self.patch_size}, {len(self.size.channels)} downsamplings)")
 
     def forward(self, x_t: torch.Tensor, z0: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        self._check(x_t, z0)
+        past = self.stream.get(self) if self.stream is not None else None  # (B, N_past, width) or None
+        self._check(x_t, z0, first=past is None)
         B, _, T, H, W = x_t.shape
         emb = self.logsnr_emb(batch_logsnr(logsnr, B, x_t.device)).to(x_t.dtype)
-        z = expand_latent_time(z0, self.temporal_downsample)  # (B, C, T, H', W'), frame f <-> latent ceil(f/4)
+        if past is None:
+            z = expand_latent_time(z0, self.temporal_downsample)  # (B, C, T, H', W'), frame f <-> latent ceil(f/4)
+        else:  # a later chunk starts at a pixel frame 4j + 1: each of its latent frames covers 4 frames
+            z = z0.repeat_interleave(self.temporal_downsample, dim=2)
         h = self.conv_in(patchify(x_t, self.patch_size))
         skips = []
         for s, idx in enumerate(self.down_idx):
@@ -145,12 +161,21 @@ class Decoder(nn.Module):
             skips.append(h)
             h = self.downs[s](h)
         h = h + self.inject[-1](z)
-        grid = tuple(h.shape[2:])
+        t, gh, gw = h.shape[2:]
+        t_past = 0 if past is None else past.shape[1] // (gh * gw)
+        origin = (0, 0) if self.stream is None else self.stream.origin
+        offset = (t_past, origin[0] // self.mid_downsampling, origin[1] // self.mid_downsampling)
         x = self.mid_in(rearrange(h, "b c t h w -> b (t h w) c"))
-        x = x + sincos_3d(*grid, x.shape[-1], x.device).to(x.dtype)
+        x = x + sincos_3d(t, gh, gw, x.shape[-1], x.device, offset=offset).to(x.dtype)
+        if past is not None:
+            x = torch.cat([past, x], dim=1)
+        if self.stream is not None:
+            self.stream.put(self, x)
+        grid = (t_past + t, gh, gw)
         for i in self.mid_idx:
             x = self.blocks[i](x, emb, grid)
-        h = rearrange(self.mid_out(x), "b (t h w) c -> b c t h w", t=grid[0], h=grid[1])
+        x = x[:, t_past * gh * gw:]  # the current frames; earlier ones were returned by earlier calls
+        h = rearrange(self.mid_out(x), "b (t h w) c -> b c t h w", t=t, h=gh)
         for s in reversed(range(len(self.up_idx))):
             h = self.ups[s](F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest"))
             h = torch.cat([h, skips.pop()], dim=1)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ulvideo.nets.layers import CausalConv3d, FrameGroupNorm, ResBlock, check_power_of_two, patchify
+from ulvideo.nets.layers import CausalCache, CausalConv3d, FrameGroupNorm, ResBlock, check_power_of_two, patchify
 from ulvideo.nets.sizes import resolve_encoder
 
 
 class Encoder(nn.Module):
     """`Encoder(cfg: EncoderConfig)`; residual blocks are the entries of `self.blocks`."""
+
+    stream: CausalCache | None = None  # set by layers.streaming; holds the frames seen so far
 
     def __init__(self, cfg):
         super().__init__()
@@ -89,8 +91,17 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != 3:
             raise ValueError(f"encoder expects (B, 3, T, H, W), got {tuple(x.shape)}")
-        self.check_input_shape(*x.shape[2:])
+        seen = self.stream.get(self) if self.stream is not None else None
+        if seen is None:
+            self.check_input_shape(*x.shape[2:])
+        elif x.shape[2] < 1 or x.shape[2] % self.temporal_downsample:
+            raise ValueError(f"a streamed chunk after the first has {x.shape[2]} frames; it needs a positive "
+                             f"multiple of {self.temporal_downsample} (the first chunk has 1 + {self.temporal_downsample}k)")
+        else:
+            self.check_input_shape(1, *x.shape[3:])
         h = self.conv_in(patchify(x, self.patch_size))
         for kind, i in self.plan:
             h = self.blocks[i](h) if kind == "block" else self.downs[i](h)
+        if self.stream is not None:
+            self.stream.put(self, (seen or 0) + x.shape[2])
         return self.conv_out(self.norm_out(h))

@@ -5,10 +5,15 @@ the T = 1 case and takes the same path. Every temporal operation in this package
   * `CausalConv3d` pads time on the left only, in one place (`_pad_time`);
   * norms take statistics per frame (`FrameGroupNorm`) or per token (LayerNorm), never over time;
   * patching is spatial only; temporal attention is causally masked where a network needs it.
+
+Streaming (ulvideo/streaming.py): `streaming(net, cache)` attaches one `CausalCache` to every module
+of `net` that keeps causal state (those declaring a class attribute `stream`), so a long video can
+run chunk by chunk in time with the same result as one pass; outside that context nothing changes.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,56 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class CausalCache:
+    """What a streamed pass remembers of the frames it has already processed.
+
+    One object per streamed call, never global: `streaming(net, cache)` attaches it to the modules
+    that keep causal state, which read and write their own entry under the current `slot`. Slots
+    separate independent streams through the same modules (the decoder uses one per sampler step
+    and spatial tile, the encoder one per tile). `origin` is the (y, x) pixel offset of the tile
+    being run, for position embeddings. With `record=False` nothing is stored: one unchunked call
+    that only needs `origin`.
+    """
+
+    def __init__(self, record: bool = True):
+        self.slot = None
+        self.origin = (0, 0)
+        self.record = record
+        self._state: dict = {}
+
+    def get(self, module: nn.Module):
+        return self._state.get((self.slot, id(module)))
+
+    def put(self, module: nn.Module, value) -> None:
+        if self.record:
+            self._state[(self.slot, id(module))] = value
+
+    def clear(self) -> None:
+        self._state.clear()
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self._state.values() if torch.is_tensor(v))
+
+
+@contextmanager
+def streaming(net: nn.Module, cache: CausalCache):
+    """Attach `cache` to every stateful module of `net` for the duration of the block.
+
+    The attachment is an instance attribute shadowing the class's `stream = None` and is removed on
+    exit (also on error), so nothing leaks into later calls; nesting on the same modules is refused.
+    """
+    mods = [m for m in net.modules() if hasattr(type(m), "stream")]
+    if any("stream" in vars(m) for m in mods):
+        raise RuntimeError("these modules are already streaming with another cache")
+    for m in mods:
+        m.stream = cache
+    try:
+        yield cache
+    finally:
+        for m in mods:
+            vars(m).pop("stream", None)
+
+
 class CausalConv3d(nn.Module):
     """A 3D convolution that sees the current and past frames only.
 
@@ -33,9 +88,14 @@ class CausalConv3d(nn.Module):
     Repeating frame 0 (instead of zeros) makes the missing past look like a still scene, so an
     image and the first frame of a video see the same padding.
 
-    `_pad_time` is the only place the past is invented: a streaming cache holding the previous
-    chunk's last `kt - stride_t` input frames would be concatenated there instead.
+    `_pad_time` is the only place the past is invented. Under `streaming`, the first chunk is
+    padded the same way and every later chunk is prefixed with what the previous one left over:
+    the padded input's frames from `stride_t * outputs` on, i.e. its last `kt - stride_t` frames
+    when chunk lengths line up with the stride (as `1 + 4k`, then `4m` frames do). The output of
+    the chunks, concatenated, is then the output of the whole clip.
     """
+
+    stream: CausalCache | None = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, bias: bool = True):
         super().__init__()
@@ -50,8 +110,15 @@ class CausalConv3d(nn.Module):
     def _pad_time(self, x: torch.Tensor) -> torch.Tensor:
         if self.time_pad == 0:
             return x
-        past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
-        return torch.cat([past, x], dim=2)
+        past = self.stream.get(self) if self.stream is not None else None
+        if past is None:
+            past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+        x = torch.cat([past, x], dim=2)
+        if self.stream is not None:
+            kt, st = self.conv.kernel_size[0], self.conv.stride[0]
+            used = max(0, (x.shape[2] - kt) // st + 1) * st  # frames no later output window starts in
+            self.stream.put(self, x[:, :, used:].clone())  # a copy: a view would keep all of x alive
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self._pad_time(x))
@@ -148,18 +215,21 @@ def _sincos_1d(pos: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def sincos_3d(frames: int, height: int, width: int, dim: int, device=None) -> torch.Tensor:
+def sincos_3d(frames: int, height: int, width: int, dim: int, device=None,
+              offset: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
     """Fixed 3D position embedding, (frames*height*width, dim), tokens in (t, h, w) order.
 
     The width is split into a time part and two equal space parts, each a 1D sinusoid of the
     integer coordinate. It works for any number of frames (T' = 1 for images: frame 0 of a video
-    and an image get the same embedding) and any grid size.
+    and an image get the same embedding) and any grid size. `offset` is the (t, h, w) coordinate of
+    the first token: a later chunk or an inner tile gets the embedding of its place in the whole.
     """
     d_space = 2 * (dim // 6)
     d_time = dim - 2 * d_space
+    t0, h0, w0 = offset
     t, h, w = torch.meshgrid(
-        torch.arange(frames, device=device), torch.arange(height, device=device),
-        torch.arange(width, device=device), indexing="ij",
+        torch.arange(t0, t0 + frames, device=device), torch.arange(h0, h0 + height, device=device),
+        torch.arange(w0, w0 + width, device=device), indexing="ij",
     )
     return torch.cat([
         _sincos_1d(t.flatten(), d_time, 10000.0),
