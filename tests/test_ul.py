@@ -170,3 +170,46 @@ def test_activation_checkpointing_keeps_values_and_gradients():
     for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_kl_vae_baseline_terms():
+    torch.manual_seed(0)
+    cfg = load_config(None, ["--data.num_frames=5", "--data.height=16", "--data.width=16", "--encoder.latent_channels=4",
+                             "--ul.regularizer=kl_vae", "--ul.kl_weight=0.5"])
+    m = UnifiedLatents(cfg)
+    x = clips()
+    mean, logvar = m.posterior(x)
+    assert mean.shape == (3, 4, 2, 2, 2) and torch.equal(m.encode(x), mean)
+    terms = m.loss(x, torch.Generator().manual_seed(0))
+    # KL(N(m, s^2) || N(0, 1)) against torch.distributions
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    ref = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    torch.testing.assert_close(terms.vae_kl, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(terms.total, terms.rate + terms.distortion + 0.5 * terms.vae_kl)
+    # the prior measures the latents but sends no gradient into the encoder
+    assert grad_norms(m, terms.rate.sum())["encoder"] == 0
+    assert grad_norms(m, terms.vae_kl.sum())["encoder"] > 0
+
+
+def test_mse_decoder_baseline():
+    torch.manual_seed(0)
+    cfg = load_config(None, ["--data.num_frames=5", "--data.height=16", "--data.width=16", "--encoder.latent_channels=4",
+                             "--decoder.loss=mse", "--decoder.mse_sigma=0.5", "--ul.loss_factor=2.0"])
+    m = UnifiedLatents(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    x = clips()
+    terms = m.loss(x, torch.Generator().manual_seed(0))
+    z0 = m.noisy_latent(m.encode(x), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x_hat = m.decode(z0)  # deterministic: no sampler steps
+    assert torch.equal(x_hat, m.decode(z0, steps=7))
+    g = torch.Generator().manual_seed(0)
+    D.sample_times(3, "stratified", g)  # the prior's draws come first in loss()
+    torch.randn((3, 4, 2, 2, 2), generator=g)
+    z0_loss = m.noisy_latent(m.encode(x), g)
+    with torch.no_grad():
+        ref = 2.0 * ((x - m._mse_decode(z0_loss)) ** 2).sum((1, 2, 3, 4)) / (2 * 0.25)
+    torch.testing.assert_close(terms.distortion, ref, rtol=1e-4, atol=1e-3)

@@ -61,6 +61,7 @@ class DecoderConfig:
     logsnr_max: float = 15.0
     shift: float = 0.0  # simple diffusion's resolution shift, 2*log(base/resolution)
     loss: Literal["diffusion", "mse"] = "diffusion"  # "mse": the paper's Table-5 ablation
+    mse_sigma: float = 0.1  # loss = c_lf * ||x - x_hat||^2 / (2 mse_sigma^2) nats, for loss = mse
     attention: Literal["full", "factorized"] = "full"  # middle transformer; always causal in time
     # architecture overrides of the named size (None = the size's value)
     patch_size: int | None = None

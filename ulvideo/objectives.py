@@ -81,6 +81,8 @@ class StageOne(Objective):
             "terminal_kl_bits": terms.rate_terminal.detach() / LN2,
             "decoder_loss_bits_per_pixel": terms.distortion.detach() / LN2 / pixels,
         }
+        if terms.vae_kl is not None:
+            logs["vae_kl_bits_per_pixel"] = terms.vae_kl.detach() / LN2 / pixels
         if step % self.cfg.train.log_every == self.cfg.train.log_every - 1:
             logs["decoder_gain_bits"] = self.model.decoder_gain(x, generator)
         return loss, logs

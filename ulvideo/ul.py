@@ -11,6 +11,7 @@ Both terms are per-clip sums; the loop divides their sum by one common constant 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,10 +33,20 @@ class ULTerms:
     distortion: torch.Tensor  # (B,) L_dec, already multiplied by the loss factor
     prior_logsnr: torch.Tensor  # (B,)
     decoder_logsnr: torch.Tensor  # (B,)
+    vae_kl: torch.Tensor | None = None  # (B,) KL(q(z|x) || N(0, I)) of the KL-VAE baseline
+    kl_weight: float = 1.0  # beta of the KL-VAE baseline
 
     @property
     def total(self) -> torch.Tensor:
-        return self.rate + self.distortion
+        if self.vae_kl is None:
+            return self.rate + self.distortion
+        # KL-VAE baseline: the encoder pays beta * KL; the prior only measures (its input is detached)
+        return self.rate + self.distortion + self.kl_weight * self.vae_kl
+
+
+def _sum(err: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum of squares."""
+    return (err.float() ** 2).flatten(1).sum(1)
 
 
 def rate_gradient_scale(step: int, hold_steps: int, ramp_steps: int) -> float:
@@ -56,12 +67,19 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class UnifiedLatents(nn.Module):
+    """Stage 1. Two baselines share the networks (selected by config, for the paper's ablations):
+    `ul.regularizer = kl_vae` — a Gaussian posterior with learned variance (the encoder predicts mean
+    and log-variance), KL to N(0, I) weighted by `ul.kl_weight`, and the diffusion prior fitted to the
+    detached latents so its rate is measured the same way as UL's; `decoder.loss = mse` — a
+    deterministic decoder x_hat(z0) with loss c_lf ||x - x_hat||^2 / (2 mse_sigma^2)."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         u, e = cfg.ul, cfg.encoder
         self.latent_channels = e.latent_channels
-        self.encoder = Encoder(e)
+        self.vae = u.regularizer == "kl_vae"
+        self.encoder = Encoder(dataclasses.replace(e, latent_channels=2 * e.latent_channels) if self.vae else e)
         self.prior = LatentTransformer(cfg.prior, e.latent_channels)
         self.decoder = Decoder(cfg.decoder, e.latent_channels, e.temporal_downsample, e.spatial_downsample)
         self.prior_schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)
@@ -72,8 +90,14 @@ class UnifiedLatents(nn.Module):
     # ---- the jobs --------------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> z_clean (B, C, T', H', W'), deterministic."""
-        return self.encoder(x)
+        """(B, 3, T, H, W) in [-1, 1] -> z_clean (B, C, T', H', W'), deterministic (the KL-VAE's mean)."""
+        out = self.encoder(x)
+        return out[:, : self.latent_channels] if self.vae else out
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL-VAE baseline: (mean, log-variance) of q(z | x)."""
+        out = self.encoder(x)
+        return out[:, : self.latent_channels], out[:, self.latent_channels:].clamp(-30.0, 20.0)
 
     def noisy_latent(self, z_clean: torch.Tensor, generator: torch.Generator | None = None, mode: str = "sample") -> torch.Tensor:
         """z0 = alpha_0 z_clean + sigma_0 eps_z ("sample", what the decoder sees in training) or alpha_0 z_clean ("mean")."""
@@ -97,16 +121,43 @@ class UnifiedLatents(nn.Module):
         `rate_scale` scales the rate's gradient into the encoder (1 after the start-up ramp).
         """
         u = self.cfg.ul
-        z_clean = self.encode(x)
-        z_for_prior = scale_gradient(z_clean, rate_scale)
+        vae_kl = None
+        if self.vae:
+            mean, logvar = self.posterior(x)
+            eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=torch.float32)
+            z_clean = mean + torch.exp(0.5 * logvar) * eps
+            vae_kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
+            z_for_prior = z_clean.detach()
+        else:
+            z_clean = self.encode(x)
+            z_for_prior = scale_gradient(z_clean, rate_scale)
         # z_lambda is built from z_clean with its own noise (never by re-noising z0)
         prior = D.elbo(self.prior_denoise, z_for_prior, self.prior_schedule, self.cfg.prior.prediction,
                        generator=generator, time_sampling=u.time_sampling)
         z0 = self.noisy_latent(z_clean, generator)
-        dist, dec_logsnr = D.sigmoid_weighted_loss(
-            self.decoder_denoise(z0), x, self.decoder_schedule, self.cfg.decoder.prediction, u.sigmoid_bias,
-            generator=generator, time_sampling=u.time_sampling)
-        return ULTerms(prior.total, prior.diffusion, prior.terminal, u.loss_factor * dist, prior.logsnr, dec_logsnr)
+        dist, dec_logsnr = self.decoder_loss(x, z0, generator)
+        return ULTerms(prior.total, prior.diffusion, prior.terminal, u.loss_factor * dist, prior.logsnr, dec_logsnr,
+                       vae_kl, u.kl_weight)
+
+    def decoder_loss(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None,
+                     t: torch.Tensor | None = None, eps: torch.Tensor | None = None):
+        """Per-sample decoder loss (before the loss factor) and the logSNRs used."""
+        d, u = self.cfg.decoder, self.cfg.ul
+        if d.loss == "mse":
+            x_hat = self._mse_decode(z0)
+            return _sum(x.float() - x_hat) / (2 * d.mse_sigma**2), torch.full((x.shape[0],), d.logsnr_min, device=x.device)
+        return D.sigmoid_weighted_loss(self.decoder_denoise(z0), x, self.decoder_schedule, d.prediction, u.sigmoid_bias,
+                                       t=t, eps=eps, generator=generator, time_sampling=u.time_sampling)
+
+    def _mse_decode(self, z0: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """The MSE baseline's deterministic decoder: the network's x-prediction from an all-zero
+        input at the lowest logSNR (the same network, used as a plain conditional regressor)."""
+        e, d = self.cfg.encoder, self.cfg.decoder
+        b, _, tl, hl, wl = z0.shape
+        t = num_frames or 1 + e.temporal_downsample * (tl - 1)
+        zeros = torch.zeros(b, 3, t, hl * e.spatial_downsample, wl * e.spatial_downsample, device=z0.device, dtype=z0.dtype)
+        lam = torch.full((b,), d.logsnr_min, device=z0.device)
+        return D.predict_x_eps(self.decoder(zeros, z0, lam), zeros, lam, d.prediction)[0]
 
     @torch.no_grad()
     def decoder_gain(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -121,9 +172,8 @@ class UnifiedLatents(nn.Module):
         z0 = self.noisy_latent(self.encode(x), generator)
         t = D.sample_times(b, self.cfg.ul.time_sampling, generator, x.device)
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        kw = dict(schedule=self.decoder_schedule, kind=self.cfg.decoder.prediction, bias=self.cfg.ul.sigmoid_bias, t=t, eps=eps)
-        right, _ = D.sigmoid_weighted_loss(self.decoder_denoise(z0), x, **kw)
-        wrong, _ = D.sigmoid_weighted_loss(self.decoder_denoise(z0.roll(1, dims=0)), x, **kw)
+        right, _ = self.decoder_loss(x, z0, t=t, eps=eps)
+        wrong, _ = self.decoder_loss(x, z0.roll(1, dims=0), t=t, eps=eps)
         return self.cfg.ul.loss_factor * (wrong - right) / math.log(2)
 
     @torch.no_grad()
@@ -147,6 +197,8 @@ class UnifiedLatents(nn.Module):
         final clean prediction at lambda_max, clipped to [-1, 1].
         """
         e = self.cfg.encoder
+        if self.cfg.decoder.loss == "mse":
+            return self._mse_decode(z0, num_frames).clamp(-1.0, 1.0)
         b, _, tl, hl, wl = z0.shape
         t = num_frames or 1 + e.temporal_downsample * (tl - 1)
         shape = (b, 3, t, hl * e.spatial_downsample, wl * e.spatial_downsample)
