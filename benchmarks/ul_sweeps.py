@@ -1,0 +1,190 @@
+"""Unified Latents' claims at toy scale: loss-factor sweep, KL-VAE baseline, MSE decoder, lambda_0 = 10,
+decoder sampling steps, and (with --tightness) stage-1 prior bits vs a stage-2 base model's ELBO.
+
+    python benchmarks/ul_sweeps.py            # <= 60 min on a 2-core CPU
+    python benchmarks/ul_sweeps.py --quick    # fewer steps and runs
+
+Every run trains configs/ul/tiny.yaml (with overrides) for the same number of steps on the built-in
+shapes data, then is measured on the held-out clips the same way: rate in bits per pixel (the
+diffusion prior's ELBO on the noisy latent, K = 32 stratified logSNRs per clip; for the KL-VAE also its
+own KL), PSNR of DDPM reconstructions, and the decoder gain (bits the decoder saves with the right
+latent; ~0 = collapsed). Results: benchmarks/results/ul_sweeps.json and PNG plots beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def train(name: str, steps: int, overrides: list[str], data: str, runs: Path) -> Path:
+    run = runs / name
+    meta = run / "exports" / "latest.json"
+    if not (meta.is_file() and json.loads(meta.read_text())["meta"]["step"] >= steps):
+        subprocess.run([sys.executable, "-m", "ulvideo", "train", "configs/ul/tiny.yaml", "--run-dir", str(run),
+                        f"--data.path={data}", f"--train.steps={steps}", "--train.recon_every=0",
+                        f"--train.ckpt_every={steps}", *overrides], cwd=ROOT, check=True)
+    return run / "exports" / "latest.safetensors"
+
+
+@torch.no_grad()
+def measure(export: Path, clips: int, decoder_steps: tuple[int, ...] = (32,)) -> dict:
+    from ulvideo.data import build_loader
+    from ulvideo.generate import load_stage1
+    from ulvideo.metrics import psnr
+
+    m = load_stage1(export)
+    loader = build_loader(m.cfg.data, micro_batch_size=min(clips, 32), seed=0, split="heldout")
+    xs = []
+    for batch in loader:
+        xs.append(batch["video"])
+        if sum(x.shape[0] for x in xs) >= clips:
+            break
+    x = torch.cat(xs)[:clips]
+    t, h, w = x.shape[2:]
+    pixels = t * h * w
+    z = m.encode(x)
+    out = {"heldout_clips": x.shape[0], "bits_per_pixel": m.rate_bits(z, 32, seed=0).mean().item() / pixels,
+           "decoder_gain_bits_per_clip": m.decoder_gain(x, torch.Generator().manual_seed(0)).mean().item(),
+           "z_clean_std": z.std().item()}
+    if m.vae:
+        mean, logvar = m.posterior(x)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+        out["vae_kl_bits_per_pixel"] = kl.mean().item() / math.log(2) / pixels
+    for steps in decoder_steps:
+        g = torch.Generator().manual_seed(0)
+        recon = m.decode(m.noisy_latent(z, g), t, steps, "ddpm", g)
+        out[f"psnr_{steps}"] = psnr(x, recon).mean().item()
+    out["psnr"] = out[f"psnr_{decoder_steps[0]}"] if 32 not in decoder_steps else out["psnr_32"]
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    lf = results["loss_factor_sweep"]
+    xs = [r["loss_factor"] for r in lf]
+    ax[0].plot(xs, [r["bits_per_pixel"] for r in lf], "o-", label="bits / pixel")
+    ax[0].set_xlabel("loss factor c_lf")
+    ax[0].set_ylabel("bits / pixel")
+    a2 = ax[0].twinx()
+    a2.plot(xs, [r["psnr"] for r in lf], "s--", color="C1", label="PSNR")
+    a2.set_ylabel("PSNR (dB)")
+    ax[0].set_title("loss-factor sweep")
+    for name, rows, key in (("UL (c_lf sweep)", lf, "bits_per_pixel"), ("KL-VAE, diffusion-measured", results["vae_beta_sweep"], "bits_per_pixel"),
+                            ("KL-VAE, own KL", results["vae_beta_sweep"], "vae_kl_bits_per_pixel")):
+        ax[1].plot([r[key] for r in rows], [r["psnr"] for r in rows], "o-", label=name)
+    if results.get("mse_decoder"):
+        r = results["mse_decoder"]
+        ax[1].plot([r["bits_per_pixel"]], [r["psnr"]], "k^", label="UL, MSE decoder")
+    ax[1].set_xscale("log")
+    ax[1].set_xlabel("bits / pixel")
+    ax[1].set_ylabel("PSNR (dB)")
+    ax[1].set_title("rate-distortion (equal steps)")
+    ax[1].legend(fontsize=8)
+    ds = results["decoder_steps"]
+    ax[2].plot(list(map(int, ds)), list(ds.values()), "o-")
+    ax[2].set_xscale("log")
+    ax[2].set_xlabel("decoder sampler steps (DDPM)")
+    ax[2].set_ylabel("PSNR (dB)")
+    ax[2].set_title("decoder steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--data", default="data/shapes")
+    p.add_argument("--runs", default="runs/sweeps")
+    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--tightness", action="store_true", help="also train a base model (about 10 more minutes)")
+    args = p.parse_args()
+    steps = args.steps or (300 if args.quick else 600)
+    hold = [f"--ul.rate_hold_steps={steps // 6}", f"--ul.rate_ramp_steps={steps // 4}"]
+    runs = ROOT / args.runs
+    data = ROOT / args.data
+    if not (data / "manifest.jsonl").is_file():
+        subprocess.run([sys.executable, "-m", "ulvideo", "data", "synth", "--out", str(data), "--num", "512", "--frames", "9",
+                        "--size", "32"], cwd=ROOT, check=True)
+    t0 = time.time()
+    factors = (1.0, 1.5, 3.0) if args.quick else (1.0, 1.3, 1.5, 2.1, 3.0)
+    betas = (1e-3, 1e-2) if args.quick else (1e-4, 1e-3, 1e-2)
+    res: dict = {"what": "ul_sweeps", "steps": steps, "config": "configs/ul/tiny.yaml", "rate_hold": hold,
+                 "latent_logsnr": 5.0, "prior_logsnr_min": -10.0, "sigmoid_bias": 2.0, "rate_logsnr_samples": 32,
+                 "decoder_sampler": "ddpm", "decoder_steps_for_psnr": 32}
+    res["loss_factor_sweep"] = []
+    for c in factors:
+        export = train(f"lf_{c}", steps, [f"--ul.loss_factor={c}", *hold], args.data, runs)
+        extra = (1, 2, 4, 8, 16, 32, 50) if c == 1.5 else (32,)
+        row = {"loss_factor": c, **measure(export, args.clips, extra)}
+        if c == 1.5:
+            res["decoder_steps"] = {str(s): row.pop(f"psnr_{s}") for s in extra if s != 32}
+            res["decoder_steps"]["32"] = row["psnr"]
+            res["decoder_steps"] = dict(sorted(res["decoder_steps"].items(), key=lambda kv: int(kv[0])))
+        res["loss_factor_sweep"].append(row)
+        print(json.dumps(row), flush=True)
+    res["vae_beta_sweep"] = []
+    for beta in betas:
+        export = train(f"vae_{beta}", steps, ["--ul.regularizer=kl_vae", f"--ul.kl_weight={beta}", "--ul.loss_factor=1.5"], args.data, runs)
+        row = {"kl_weight": beta, **measure(export, args.clips)}
+        res["vae_beta_sweep"].append(row)
+        print(json.dumps(row), flush=True)
+    if not args.quick:
+        export = train("mse_decoder", steps, ["--decoder.loss=mse", "--ul.loss_factor=1.5", *hold], args.data, runs)
+        res["mse_decoder"] = {"loss_factor": 1.5, "mse_sigma": 0.1, **measure(export, args.clips)}
+    export = train("logsnr0_10", steps, ["--ul.latent_logsnr=10.0", "--ul.loss_factor=1.5", *hold], args.data, runs)
+    res["latent_logsnr_10"] = {"loss_factor": 1.5, **measure(export, args.clips)}
+    if args.tightness:
+        res["tightness"] = tightness(runs, runs / "lf_1.5" / "exports" / "latest.safetensors", args.data, steps * 2)
+    res["seconds"] = round(time.time() - t0, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "ul_sweeps_quick" if args.quick else "ul_sweeps"
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, RESULTS / f"{name}.png")
+    print(json.dumps({k: v for k, v in res.items() if k in ("seconds", "steps")}))
+
+
+def tightness(runs: Path, export: Path, data: str, steps: int) -> dict:
+    """Stage-1 prior bits vs an unconditional-evaluated base model's ELBO on the same held-out latents."""
+    from ulvideo.data import build_loader
+    from ulvideo.generate import load_pipeline
+
+    shards = runs / "tight_latents"
+    subprocess.run([sys.executable, "-m", "ulvideo", "encode", "--export", str(export), "--data", data, "--out", str(shards)],
+                   cwd=ROOT, check=True)
+    base = runs / "tight_base"
+    subprocess.run([sys.executable, "-m", "ulvideo", "train", "configs/base/tiny.yaml", "--run-dir", str(base),
+                    f"--base.stage1_export={export}", f"--data.path={shards}", f"--train.steps={steps}",
+                    "--train.recon_every=0"], cwd=ROOT, check=True)
+    pipe = load_pipeline(export, base / "exports" / "latest.safetensors")
+    batch = next(iter(build_loader(pipe.base_cfg.data, micro_batch_size=32, seed=0, split="heldout")))
+    z = batch["z_clean"]
+    cond, null = pipe.condition(list(batch["caption"]), None, None, tuple(z.shape))
+    with torch.no_grad():
+        prior = pipe.stage1.rate_bits(z, 32, seed=0).mean().item()
+        base_null = pipe.base.elbo_bits(z, null, 32, seed=0).mean().item()
+        base_cond = pipe.base.elbo_bits(z, cond, 32, seed=0).mean().item()
+    return {"base_steps": steps, "prior_bits_per_clip": round(prior, 2), "base_null_bits_per_clip": round(base_null, 2),
+            "base_cond_bits_per_clip": round(base_cond, 2), "relative_gap": round(base_null / prior - 1, 4)}
+
+
+if __name__ == "__main__":
+    main()
