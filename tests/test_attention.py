@@ -140,6 +140,24 @@ def test_auto_avoids_dense_mask_for_long_block_causal(monkeypatch):
     assert resolve_backend(q, q, mask=key_padding_mask(torch.ones(1, 8192, dtype=torch.bool)))[0] == "sdpa"
 
 
+def test_auto_long_block_causal_uses_chunked_and_matches_dense_sdpa(monkeypatch):
+    """Past the dense-mask limit auto runs the chunked kernel with its default (multi-chunk)
+    blocks; it must equal SDPA given the materialised block-causal mask, values and gradients."""
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    q, k, v = _qkv(b=1, h=1, nq=2100, nk=2100, d=8, seed=3)
+    assert resolve_backend(q, k, causal=True, causal_block=300)[0] == "chunked"
+    inp = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*inp, causal=True, causal_block=300)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=block_causal_mask(7, 300))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    out.backward(g)
+    ref.backward(g)
+    for a, r in zip(inp, ref_in):
+        torch.testing.assert_close(a.grad, r.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_inputs_raise():
     q, k, v = _qkv()
     with pytest.raises(ValueError):

@@ -52,10 +52,12 @@ __all__ = [
 
 BACKENDS = ("auto", "sdpa", "chunked", "triton", "xformers", "naive")
 ENV_VAR = "ULVIDEO_ATTENTION"
-# A dense (Nq, Nk) mask this large (bool; SDPA turns it into a float bias, 4 B/element) is where
-# auto stops using SDPA-with-mask and switches to a kernel that never materialises it:
-# 2**24 elements = a 4096 x 4096 mask, 64 MiB as float32.
-DENSE_MASK_LIMIT = 1 << 24
+# A dense (Nq, Nk) mask larger than this is where auto stops using SDPA-with-mask (SDPA's
+# memory then grows as N²) and switches to the chunked kernel, which never materialises it and
+# skips fully masked blocks: 2**22 elements = a 2048 x 2048 mask. Measured on CPU, block-causal
+# with 256 tokens per frame (benchmarks/attention.py --mask block_causal): chunked was 0.94x
+# SDPA's speed at 2048 tokens, 1.4x at 4096 (with 0.3x its peak memory), 3.8x at 16384.
+DENSE_MASK_LIMIT = 1 << 22
 
 log = logging.getLogger(__name__)
 _configured: str | None = None
