@@ -153,7 +153,9 @@ def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, bl
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, causal_block, scale, block_q, block_k):
-        out, lse = _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k)
+        # Precision follows the input dtype (float32 accumulators), not an enclosing autocast.
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.args = (causal, causal_block, scale, block_q, block_k)
         return out
@@ -162,7 +164,8 @@ class _ChunkedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), mask, *ctx.args)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), mask, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -140,6 +140,16 @@ def test_auto_avoids_dense_mask_for_long_block_causal(monkeypatch):
     assert resolve_backend(q, q, mask=key_padding_mask(torch.ones(1, 8192, dtype=torch.bool)))[0] == "sdpa"
 
 
+def test_chunked_precision_follows_inputs_under_autocast():
+    from ulvideo.kernels.chunked import chunked_attention
+
+    q, k, v = _qkv(nq=20, nk=20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_attention(q, k, v, causal=True, block_q=8, block_k=8)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _reference(q, k, v, causal=True), atol=2e-5, rtol=1e-4)
+
+
 def test_auto_long_block_causal_uses_chunked_and_matches_dense_sdpa(monkeypatch):
     """Past the dense-mask limit auto runs the chunked kernel with its default (multi-chunk)
     blocks; it must equal SDPA given the materialised block-causal mask, values and gradients."""
