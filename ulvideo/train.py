@@ -4,22 +4,28 @@
     torchrun --nproc_per_node 2 -m ulvideo train configs/ul/tiny.yaml --run-dir runs/tiny2
     deepspeed --num_gpus 8 -m ulvideo train configs/ul/k600_128.yaml --run-dir runs/k600
 
-Rerunning the same command resumes from RUN/checkpoints/latest. The run dir holds config.yaml,
+Rerunning the same command resumes from RUN/checkpoints/latest, also at another world size (the
+checkpoint is converted to DeepSpeed's universal format once). The run dir holds config.yaml,
 metrics.jsonl, TensorBoard events (tb/), checkpoints/ and exports/ (EMA weights + config).
-Randomness is derived from (seed, rank, step, micro-step) so that a resumed run repeats exactly.
+
+Determinism: micro-batch `slot = micro * world_size + rank` of step `s` is global batch
+`s * (global_batch_size / micro_batch_size) + slot` of the data order, and all of its randomness
+(times, noises, dropout) is seeded by (seed, s, slot). The same global batch therefore sees the same
+clips and noises at any world size, and a resumed run repeats the uninterrupted one exactly.
 The DeepSpeed config is generated from the training config (`deepspeed_config`).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ulvideo import checkpoint as ckpt
@@ -30,9 +36,106 @@ from ulvideo.objectives import Objective, make_objective, preflight
 log = logging.getLogger("ulvideo.train")
 
 
+class NonFiniteError(RuntimeError):
+    """`train.max_nonfinite_skips` steps in a row had a non-finite loss or gradient."""
+
+
 # --------------------------------------------------------------------------------------------
-# Process group and DeepSpeed config
+# Checks before any process group, and the DeepSpeed config
 # --------------------------------------------------------------------------------------------
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher (torchrun, deepspeed, srun wrappers) announced; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_config(cfg: Config, world_size: int) -> None:
+    """Training settings that cannot work with `world_size` processes: a ConfigError naming the key."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size = {t.global_batch_size} is not a multiple of micro_batch_size × world size "
+            f"= {t.micro_batch_size} × {world_size} (gradient accumulation = global / (micro × world) must be whole)")
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+    for key, low in (("steps", 0), ("ckpt_every", 1), ("keep_last", 1), ("log_every", 1), ("max_nonfinite_skips", 1),
+                     ("recon_every", 0), ("warmup_steps", 0)):
+        if getattr(t, key) < low:
+            raise ConfigError(f"train.{key} = {getattr(t, key)} must be >= {low}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay = {t.ema_decay} must lie in [0, 1)")
+
+
+def preflight_all(cfg: Config, run_dir: Path, world_size: int) -> None:
+    """Every check that needs no process group: config, data, exports, the checkpoint to resume."""
+    from ulvideo.data import resolve_kind
+
+    preflight(cfg)
+    check_config(cfg, world_size)
+    resolve_kind(cfg.data)  # an empty data folder fails here, not after the process group starts
+    ckpt.check_resumable(run_dir / "checkpoints", cfg.stage, cfg.train.zero_stage)
+
+
+def use_bf16(cfg: Config) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON, derived from `cfg.train` (there is no second, hand-kept file).
+
+    ZeRO-1/2/3 use DeepSpeed's AdamW; ZeRO-0 gets `FiniteAdamW` from the client side (see there), so
+    this dict has no optimizer section then."""
+    check_config(cfg, world_size)
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # exports come from the EMA instead
+    out = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        "gradient_clipping": t.grad_clip,
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+                                                     "warmup_num_steps": max(1, t.warmup_steps), "warmup_type": "linear"}},
+        "zero_optimization": zero,
+        # a NaN/inf gradient makes the optimizer skip the step in bf16 as it does in fp32
+        "bf16": {"enabled": use_bf16(cfg), "check_grad_overflow": True},
+        "zero_allow_untested_optimizer": True,
+        # torch's AdamW on the offloaded fp32 partitions (DeepSpeedCPUAdam when torch_adam is false)
+        "zero_force_ds_cpu_optimizer": not t.torch_adam,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage > 0:
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+                                                        "weight_decay": t.weight_decay, "torch_adam": t.torch_adam}}
+    if load_universal:
+        out["checkpoint"] = {"load_universal": True}
+    return out
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in `.overflow`.
+
+    The ZeRO optimizers already skip such steps (and DeepSpeed then leaves the LR schedule alone);
+    plain ZeRO-0 hands torch's optimizer to the engine unwrapped, and this gives it the same contract."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        return None if self.overflow else super().step(closure)
+
+
+def client_optimizer(cfg: Config):
+    t = cfg.train
+    return lambda params: FiniteAdamW(params, lr=t.lr, betas=tuple(t.betas), eps=1e-8, weight_decay=t.weight_decay)
 
 
 def _free_port() -> int:
@@ -53,82 +156,70 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def use_bf16(cfg: Config) -> bool:
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON, derived from `cfg.train` (there is no second, hand-kept file)."""
-    t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size = {t.global_batch_size} is not a multiple of micro_batch_size × world size "
-            f"= {t.micro_batch_size} × {world_size}")
-    zero: dict = {"stage": t.zero_stage}
-    if t.offload_optimizer and t.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if t.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // per_step,
-        "gradient_clipping": t.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
-                                                  "weight_decay": t.weight_decay, "torch_adam": t.torch_adam}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
-                                                     "warmup_num_steps": max(1, t.warmup_steps), "warmup_type": "linear"}},
-        "zero_optimization": zero,
-        "bf16": {"enabled": use_bf16(cfg)},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 # --------------------------------------------------------------------------------------------
-# EMA (full fp32 copy on every rank; under ZeRO-3 the parameters are gathered for the update)
+# EMA
 # --------------------------------------------------------------------------------------------
-
-
-def _gathered(params):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class EMA:
     """Exponential moving average of the trained module's weights, kept in float32.
 
-    Under ZeRO-3 each update gathers the partitioned parameters (an all-gather per step), so the
-    EMA and every export are full, consolidated weights. Non-finite weights are never absorbed.
+    ZeRO-0/1/2: every rank holds the full parameters after each step, so every rank keeps the same
+    full EMA. ZeRO-3: every rank keeps the EMA of its own partition only (`param.ds_tensor`, the
+    slice [rank·n, (rank+1)·n) of the flattened, zero-padded parameter): no per-step all-gather and
+    1/world of the memory. `state_dict()` consolidates the full weights (a collective under ZeRO-3:
+    every rank calls it, rank 0 receives them). A step whose weights are not all finite (on any
+    rank) is not absorbed.
     """
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        with _gathered([p for _, p in module.named_parameters()]):
-            self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
-            self.buffers = {n: b.detach().float().clone() for n, b in module.named_buffers()}
+        self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.sharded = any(hasattr(p, "ds_tensor") for _, p in self.params)
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params}
+        self.buffers = {n: b.detach().float().clone() for n, b in module.named_buffers()}
+
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor if hasattr(p, "ds_tensor") else p
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> bool:
-        params = dict(module.named_parameters())
-        with _gathered(list(params.values())):
-            current = [params[n].detach().float() for n in self.names]
-            if not all(torch.isfinite(c).all() for c in current):
-                return False
-            shadow = [self.shadow[n] for n in self.names]
-            torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+    def update(self) -> bool:
+        current = [self._local(p).detach() for _, p in self.params]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(current))).all().float()
+        if self.sharded and self.world > 1:  # every shard must take the same decision
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
+            return False
+        torch._foreach_lerp_([self.shadow[n] for n, _ in self.params], [c.float() for c in current], 1.0 - self.decay)
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**self.shadow, **self.buffers}
+        """Full fp32 weights and buffers on CPU (under ZeRO-3: on rank 0; other ranks get {})."""
+        if not self.sharded:
+            return {n: v.cpu() for n, v in {**self.shadow, **self.buffers}.items()}
+        out = {}
+        for n, p in self.params:  # one parameter at a time bounds the gathering memory
+            part = self.shadow[n]
+            parts = [torch.empty_like(part) for _ in range(self.world)] if self.rank == 0 else None
+            torch.distributed.gather(part, parts, dst=0)
+            if self.rank == 0:
+                out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+        return {**out, **{n: b.cpu() for n, b in self.buffers.items()}} if self.rank == 0 else {}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        for n in self.shadow:
-            self.shadow[n].copy_(state[n])
+        """From full weights (any world size wrote them): each rank takes its own slice under ZeRO-3."""
+        for n, _ in self.params:
+            mine = self.shadow[n]
+            src = state[n].to(mine.device, torch.float32).flatten()
+            if self.sharded:
+                src = src[self.rank * mine.numel():(self.rank + 1) * mine.numel()]
+                mine.zero_()
+                mine[: src.numel()].copy_(src)
+            else:
+                mine.copy_(src.view_as(mine))
         for n in self.buffers:
             if n in state:
                 self.buffers[n].copy_(state[n])
@@ -140,10 +231,11 @@ class EMA:
 
 
 class MetricLog:
-    """Running means of per-step scalars between log lines; .item() only when a line is written."""
+    """Running means of per-step scalars between log lines, averaged over ranks when a line is
+    written (the only all-reduce and .item() of the logs)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, enabled: bool, world_size: int = 1):
+        self.enabled, self.world = enabled, world_size
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.path = run_dir / "metrics.jsonl"
@@ -162,8 +254,14 @@ class MetricLog:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
 
-    def write(self, step: int, extra: dict[str, float]) -> dict[str, float]:
-        row = {k: (v / max(self.count, 1)).item() for k, v in self.sums.items()}
+    def write(self, step: int, extra: dict[str, float], reduce: bool = True) -> dict[str, float]:
+        """`reduce=False` for rows only rank 0 computes (evaluation)."""
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1) if keys else torch.zeros(0)
+        if reduce and self.world > 1 and keys:
+            torch.distributed.all_reduce(means)
+            means = means / self.world
+        row = dict(zip(keys, means.tolist()))
         row.update(extra)
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}}
         self.sums, self.count = {}, 0
@@ -183,24 +281,33 @@ class MetricLog:
 # --------------------------------------------------------------------------------------------
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    """All randomness of one micro-step (times, noises, dropout-free) from (seed, rank, step, micro)."""
-    g = torch.Generator()
-    g.manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + step) * 1009 + micro)
-    return g
+def step_seeds(seed: int, step: int, slot: int) -> tuple[int, int]:
+    """(generator seed, dropout seed) of global micro-batch `slot` of `step`: no rank, no world size."""
+    a, b, c, d = np.random.SeedSequence([seed, step, slot]).generate_state(4, dtype=np.uint32).tolist()
+    return (a << 31) ^ b, (c << 31) ^ d
+
+
+@dataclass
+class _Resume:
+    tag: str
+    state: dict
+    load_dir: str  # what engine.load_checkpoint gets
+    load_tag: str
+    universal: bool
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         import deepspeed
 
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / "checkpoints"
         if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        resume = self._plan_resume()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.objective: Objective = make_objective(cfg)
         if cfg.train.activation_checkpointing:
@@ -208,52 +315,88 @@ class Trainer:
 
             apply_activation_checkpointing(self.objective.trained)
         trainable = [p for p in self.objective.parameters() if p.requires_grad]
+        extra = {"optimizer": client_optimizer(cfg)} if cfg.train.zero_stage == 0 else {}
+        ds_config = deepspeed_config(cfg, self.world, load_universal=bool(resume and resume.universal))
         self.engine, _, _, _ = deepspeed.initialize(model=self.objective, model_parameters=trainable,
-                                                    config=deepspeed_config(cfg, self.world))
-        self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+                                                    config=ds_config, **extra)
+        self.device = self.engine.device
         self.ema = EMA(self.engine.module.trained, cfg.train.ema_decay)
         self.loader = self.objective.build_loader(cfg, rank=self.rank, world_size=self.world)
-        self.metrics = MetricLog(run_dir, self.is_main)
+        self.loader_iter = None
+        self.metrics = MetricLog(self.run_dir, self.is_main, self.world)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.skipped_since_log = 0
         self.stop_requested = False
-        self._resume()
+        self.saved_step: int | None = None
+        if resume is not None:
+            self._load(resume)
 
     # ---- state -----------------------------------------------------------------------------
 
     def _state(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total,
-                "world_size": self.world, "stage": self.cfg.stage}
+                "world_size": self.world, "stage": self.cfg.stage, "zero_stage": self.cfg.train.zero_stage}
 
-    def _resume(self) -> None:
+    def _plan_resume(self) -> _Resume | None:
+        """What to load. A checkpoint from another world size or ZeRO stage is converted to the
+        universal format (rank 0, once; cached inside the checkpoint) before the engine exists."""
         tag = ckpt.latest_tag(self.ckpt_dir)
         if tag is None:
-            return
-        state, ema = ckpt.read_state(self.ckpt_dir, tag)
-        if state.get("world_size", self.world) != self.world:
-            raise RuntimeError(
-                f"{self.ckpt_dir / tag} was written by {state['world_size']} processes, this run has {self.world}. "
-                "Convert it with DeepSpeed's universal checkpoint (see README, 'Resuming at another world size').")
-        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        self.ema.load(ema)
-        self.step = state["step"]
-        self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.loader.load_state_dict(state["data"])
+            return None
+        state = ckpt.read_state_json(self.ckpt_dir, tag)
+        same = state.get("world_size", self.world) == self.world and \
+            state.get("zero_stage", self.cfg.train.zero_stage) == self.cfg.train.zero_stage
+        if same or self.cfg.train.zero_stage == 0:  # ZeRO-0 optimizer state is not partitioned
+            return _Resume(tag, state, str(self.ckpt_dir), tag, universal=False)
+        error = [None]
         if self.is_main:
-            log.info("resumed from %s (step %d)", self.ckpt_dir / tag, self.step)
+            try:
+                ckpt.to_universal(self.ckpt_dir / tag)
+            except Exception as e:  # report on every rank instead of leaving the others in a barrier
+                error[0] = f"{type(e).__name__}: {e}"
+        torch.distributed.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise RuntimeError(f"converting {self.ckpt_dir / tag} to DeepSpeed's universal format failed: {error[0]}")
+        return _Resume(tag, state, str(self.ckpt_dir / tag), ckpt.UNIVERSAL, universal=True)
+
+    def _load(self, r: _Resume) -> None:
+        path, _ = self.engine.load_checkpoint(r.load_dir, tag=r.load_tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {Path(r.load_dir) / r.load_tag}")
+        self.ema.load(ckpt.read_ema(self.ckpt_dir, r.tag))
+        self.step = self.saved_step = int(r.state["step"])
+        self.nonfinite_total = int(r.state.get("nonfinite_total", 0))
+        self.loader.load_state_dict(r.state["data"])
+        if self.is_main:
+            how = f" (written by {r.state.get('world_size')} processes at ZeRO-{r.state.get('zero_stage')}, " \
+                  "through the universal format)" if r.universal else ""
+            log.info("resumed from %s (step %d)%s", self.ckpt_dir / r.tag, self.step, how)
 
     def save(self) -> None:
-        tmp_tag = ckpt.begin_save(self.ckpt_dir, self.step)
+        """Atomic checkpoint + export. DeepSpeed writes into checkpoints/.tmp-step_X; once every rank
+        is done, rank 0 adds ema.safetensors and state.json, renames to step_X, then updates `latest`."""
+        if self.saved_step == self.step:
+            return
+        tmp_tag = ckpt.begin_save(self.ckpt_dir, self.step, self.is_main)
+        torch.distributed.barrier()  # the temporary directory is clean before anyone writes
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, save_latest=False)
-        torch.distributed.barrier()
-        if self.is_main:
-            ckpt.finish_save(self.ckpt_dir, self.step, self.ema.state_dict(), self._state(), self.cfg.train.keep_last)
-            self.export()
-        torch.distributed.barrier()
-
-    def export(self) -> Path:
+        ckpt.sync_tree(self.ckpt_dir / tmp_tag)
         weights = self.ema.state_dict()
+        torch.distributed.barrier()
+        ckpt.fault_pause("written")
+        if self.is_main:
+            ckpt.finish_save(self.ckpt_dir, self.step, weights, self._state(), self.cfg.train.keep_last)
+            self.export(weights)
+        torch.distributed.barrier()
+        self.saved_step = self.step
+
+    def export(self, weights: dict[str, torch.Tensor] | None = None) -> Path | None:
+        """Full consolidated EMA weights + config (a collective when `weights` is None under ZeRO-3)."""
+        weights = self.ema.state_dict() if weights is None else weights
+        if not self.is_main:
+            return None
         meta = {"step": self.step, "stage": self.cfg.stage, **self.objective.export_meta()}
         out = ckpt.save_export(self.run_dir / "exports" / f"{self.cfg.stage}_{ckpt.tag_for(self.step)}", weights, self.cfg, meta)
         ckpt.save_export(self.run_dir / "exports" / "latest", weights, self.cfg, meta)
@@ -261,71 +404,107 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def _micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, dict]:
-        g = step_generator(self.cfg.train.seed, self.rank, self.step, micro)
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))  # dropout, if a size uses it
-        return self.engine(batch, g, self.step)
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def train_step(self) -> dict:
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over `global_batch_size` clips; advances `self.step`. A step with a
+        non-finite loss or gradient on any rank is skipped whole (weights, optimizer, LR schedule,
+        EMA untouched, its batches consumed); `max_nonfinite_skips` in a row raise NonFiniteError.
+        Returns the step's mean logs (empty for a skipped step) and "clips"."""
+        if self.loader_iter is None:
+            self.loader_iter = iter(self.loader)
         accum = self.engine.gradient_accumulation_steps()
         step_logs: dict[str, torch.Tensor] = {}
         clips = 0
         for micro in range(accum):
-            batch = next(self.loader_iter)
+            batch = self._to_device(next(self.loader_iter))
             clips += self.objective.batch_size(batch)
-            loss, logs = self._micro_step(batch, micro)
+            gen_seed, dropout_seed = step_seeds(self.cfg.train.seed, self.step, micro * self.world + self.rank)
+            g = torch.Generator(device=self.device)
+            g.manual_seed(gen_seed)
+            torch.manual_seed(dropout_seed)  # dropout, if a size uses it
+            loss, logs = self.engine(batch, g, self.step)
+            # NaN gradients make the optimizers skip the step and drop the accumulated gradients;
+            # a non-finite loss must do the same even where its gradient happens to be finite.
+            # The factor is exactly 1.0 otherwise, and needs no host sync.
+            loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
             self.engine.backward(loss)
             self.engine.step()
             for k, v in logs.items():
-                step_logs[k] = step_logs[k] + v.detach().float().mean() / accum if k in step_logs else v.detach().float().mean() / accum
-        self.ema.update(self.engine.module.trained)
-        step_logs["clips"] = torch.tensor(float(clips * self.world))
-        return step_logs
+                v = v.detach().float().mean() / accum
+                step_logs[k] = step_logs[k] + v if k in step_logs else v
+        self.step += 1
+        if self.engine.was_step_applied() and self.ema.update():
+            self.nonfinite_run = 0
+            return {**step_logs, "clips": torch.tensor(float(clips * self.world))}
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self.skipped_since_log += 1
+        if self.is_main:
+            log.warning("step %d: non-finite loss, gradient or weights: step skipped (%d in a row, %d in all)",
+                        self.step, self.nonfinite_run, self.nonfinite_total)
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} steps in a row (train.max_nonfinite_skips) had a non-finite loss or gradient, "
+                f"up to step {self.step}; weights are unchanged since step {self.step - self.nonfinite_run}. The last "
+                f"complete checkpoint is {ckpt.latest_tag(self.ckpt_dir) or 'none'}; lower train.lr, check the data, "
+                "or raise train.max_nonfinite_skips.")
+        return {"clips": torch.tensor(float(clips * self.world))}
 
-    def fit(self) -> None:
+    def fit(self) -> bool:
+        """Train to `train.steps`. Returns False when stopped early by SIGTERM (after saving)."""
         from tqdm import tqdm
 
         cfg = self.cfg.train
-        self.loader_iter = iter(self.loader)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True, desc=f"train {self.cfg.stage}")
         t_last, clips_since = time.perf_counter(), 0.0
         while self.step < cfg.steps and not self._should_stop():
             logs = self.train_step()
             clips_since += float(logs.pop("clips"))
-            self.metrics.accumulate(logs)
-            self.step += 1
+            if logs:
+                self.metrics.accumulate(logs)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
                 gn = self.engine.get_global_grad_norm()
                 extra = {"lr": float(self.engine.get_lr()[0]), "clips_per_s": clips_since / max(now - t_last, 1e-9),
-                         "grad_norm": float(gn) if gn is not None else float("nan")}
+                         "grad_norm": float(gn) if gn is not None else float("nan"),
+                         "skipped_steps": self.skipped_since_log, "skipped_steps_total": self.nonfinite_total}
                 extra.update(self.objective.log_constants(self.step))
                 row = self.metrics.write(self.step, extra)
                 if self.is_main:
                     bar.set_postfix({k: f"{row[k]:.4g}" for k in self.objective.progress_keys if k in row})
-                t_last, clips_since = now, 0.0
-            if self.is_main and cfg.recon_every and self.step % cfg.recon_every == 0:
+                t_last, clips_since, self.skipped_since_log = now, 0.0, 0
+            if cfg.recon_every and self.step % cfg.recon_every == 0:
                 self.evaluate()
             if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                 self.save()
         bar.close()
+        finished = self.step >= cfg.steps
         self.save()
-        if self.is_main and cfg.recon_every and self.step % cfg.recon_every:
+        if finished and cfg.recon_every and self.step % cfg.recon_every:
             self.evaluate()
+        if not finished and self.is_main:
+            log.info("stopped by SIGTERM at step %d; checkpoint %s saved", self.step, ckpt.tag_for(self.step))
+        return finished
 
     def evaluate(self) -> dict:
-        out = self.objective.evaluate(self.ema.state_dict(), self.run_dir / "samples" / ckpt.tag_for(self.step), self.step)
+        weights = self.ema.state_dict()  # a collective under ZeRO-3: every rank takes part
+        if not self.is_main:
+            return {}
+        out = self.objective.evaluate(weights, self.run_dir / "samples" / ckpt.tag_for(self.step), self.step)
         if out:
-            self.metrics.write(self.step, {f"eval/{k}": v for k, v in out.items()})
+            self.metrics.write(self.step, {f"eval/{k}": v for k, v in out.items()}, reduce=False)
         return out
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        """Any rank's SIGTERM stops all of them at the same step."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(flag)
         return bool(flag.item() > 0)
@@ -334,15 +513,25 @@ class Trainer:
 def main(args) -> int:
     """`ulvideo train CONFIG --run-dir DIR [--a.b=v ...]`"""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    first = os.environ.get("RANK", "0") == "0"
+    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
+    overrides = [o for o in args.overrides if not o.startswith("--local_rank=")]
+    run_dir = Path(args.run_dir)
     try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg)  # every check that needs no process group, before one starts
-    except (ConfigError, ExportError, FileNotFoundError, ValueError) as e:
-        print(f"ulvideo train: {e}", flush=True)
+        cfg = load_config(args.config, overrides)
+        preflight_all(cfg, run_dir, world_size_from_env())  # before any process group starts
+    except (ConfigError, ExportError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if first:
+            print(f"ulvideo train: {e}", flush=True)
         return 2
-    trainer = Trainer(cfg, Path(args.run_dir))
-    trainer.fit()
+    try:
+        trainer = Trainer(cfg, run_dir)
+        finished = trainer.fit()
+    except NonFiniteError as e:
+        print(f"ulvideo train: {e}", flush=True)
+        return 3
     if trainer.is_main:
-        print(f"done: step {trainer.step}; exports in {Path(args.run_dir) / 'exports'}; "
-              f"reconstructions in {Path(args.run_dir) / 'samples'}", flush=True)
+        what = "done" if finished else "stopped (SIGTERM)"
+        print(f"{what}: step {trainer.step}; exports in {run_dir / 'exports'}; "
+              f"reconstructions in {run_dir / 'samples'}", flush=True)
     return 0

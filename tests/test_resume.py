@@ -1,0 +1,186 @@
+"""Exact resume: "train 4 steps" equals "train 2, stop, resume, train 2" bitwise in fp32 (weights,
+optimizer moments, LR schedule, EMA, data position; noise shows through all of them), per ZeRO stage.
+The reference is the uninterrupted run. Also: the generated DeepSpeed config and the checks that run
+before any process group. Helpers here are shared with test_faults.py and test_distributed.py."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+# tiny clips and a global batch of 4 as 2 micro-batches of 2 (gradient accumulation 2 on one process)
+SMALL = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
+         "--data.heldout_fraction=0.0", "--data.num_workers=0", "--encoder.latent_channels=4",
+         "--train.global_batch_size=4", "--train.micro_batch_size=2", "--train.log_every=1",
+         "--train.recon_every=0", "--train.warmup_steps=2", "--train.precision=fp32"]
+# log_every=1 also exercises the decoder-gain term (its own draws from the step generator)
+
+
+def clean_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ULVIDEO_FAULT_SAVE_PAUSE"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def train_cmd(run_dir, data, *overrides, launcher=()) -> list[str]:
+    return [*launcher, *( [] if launcher else [sys.executable]), "-m", "ulvideo", "train", "configs/ul/tiny.yaml",
+            "--run-dir", str(run_dir), f"--data.path={data}", *SMALL, *map(str, overrides)]
+
+
+def train(run_dir, data, *overrides, launcher=(), check=True, env=None, timeout=900) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(run_dir, data, *overrides, launcher=launcher), cwd=ROOT, env=env or clean_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def synth(out: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "ulvideo", "data", "synth", "--out", str(out), "--num", "12", "--frames", "5",
+                    "--size", "16", "--seed", "3"], cwd=ROOT, env=clean_env(), check=True, capture_output=True)
+    return out
+
+
+def load_tree(tag_dir: Path) -> dict:
+    """Every DeepSpeed file of one checkpoint (our own pickles, from this test's run dirs)."""
+    return {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in sorted(Path(tag_dir).glob("*.pt"))}
+
+
+IGNORED = {"ds_config", "ds_version"}
+
+
+def differences(a, b, path="", ignore=frozenset()) -> list[str]:
+    """Paths where two nested checkpoint structures differ (tensors compared bitwise)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}"]
+        return [d for k in a if str(k) not in ignore for d in differences(a[k], b[k], f"{path}/{k}", ignore)]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]", ignore)]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) else [f"{path}: tensors differ"]
+    if type(a).__module__.startswith("deepspeed") or callable(a):
+        return []  # loss-scaler objects, fragment addresses: layout metadata, not state
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def assert_same_training_state(a: Path, b: Path, ignore=frozenset()) -> None:
+    ta, tb = load_tree(a), load_tree(b)
+    diffs = differences(ta, tb, ignore=IGNORED | set(ignore))
+    ea, eb = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
+    diffs += [f"ema/{k}" for k in ea if not torch.equal(ea[k], eb[k])]
+    assert not diffs, f"{a} vs {b}:\n" + "\n".join(diffs[:20])
+
+
+def state_json(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / "state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("resume") / "shapes")
+
+
+@pytest.mark.parametrize("zero", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
+                                  2, pytest.param(3, marks=pytest.mark.slow)])
+def test_train_4_equals_train_2_resume_2(zero, data, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [f"--train.zero_stage={zero}", "--train.ckpt_every=100", "--train.ema_decay=0.5"]
+    train(straight, data, "--train.steps=4", *common)
+    first = train(split, data, "--train.steps=2", *common)
+    assert "done: step 2" in first.stdout
+    second = train(split, data, "--train.steps=4", *common)
+    assert "resumed from" in second.stderr and "(step 2)" in second.stderr
+    a, b = straight / "checkpoints" / "step_00000004", split / "checkpoints" / "step_00000004"
+    assert state_json(a) == state_json(b)  # step, data position (epoch, batch), counters
+    assert_same_training_state(a, b)
+    ea = load_file(str(straight / "exports" / "latest.safetensors"))
+    eb = load_file(str(split / "exports" / "latest.safetensors"))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    rows = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
+
+
+# ---- the generated DeepSpeed config and the checks before any process group ---------------
+
+
+def test_deepspeed_config_follows_the_training_config():
+    from ulvideo.config import ConfigError, load_config
+    from ulvideo.train import deepspeed_config
+
+    cfg = load_config("configs/ul/tiny.yaml", ["--train.global_batch_size=32", "--train.micro_batch_size=2",
+                                                "--train.zero_stage=3", "--train.offload_optimizer=true"])
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["gradient_accumulation_steps"] * ds["train_micro_batch_size_per_gpu"] * 4 == ds["train_batch_size"] == 32
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] == torch.cuda.is_available()  # precision auto: bf16 on GPU, fp32 on CPU
+    assert deepspeed_config(cfg, world_size=16)["gradient_accumulation_steps"] == 1
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        deepspeed_config(cfg, world_size=3)
+    z0 = load_config("configs/ul/tiny.yaml", ["--train.zero_stage=0"])
+    assert "optimizer" not in deepspeed_config(z0, 1)  # ZeRO-0 gets the finite-checking client AdamW
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        deepspeed_config(load_config("configs/ul/tiny.yaml", ["--train.zero_stage=0", "--train.offload_optimizer=true"]), 1)
+
+
+# Calls `ulvideo train` in one fresh process for each case: its exit code, its message, and whether a
+# process group exists afterwards. "WORLD_SIZE": "3" poses as rank 0 of 3 launched processes (had a
+# check come after the process group, it would wait for peers that never come and time out).
+ERRORS = r"""
+import contextlib, io, json, os, sys, torch
+from ulvideo.cli import main
+out = []
+for env, argv in json.loads(sys.argv[1]):
+    os.environ.update(env)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = main(argv)
+    out.append([rc, buf.getvalue(), torch.distributed.is_initialized()])
+    for k in env:
+        del os.environ[k]
+print(json.dumps(out))
+"""
+
+
+def _errors(cases: list[tuple[dict, list[str]]]) -> list:
+    r = subprocess.run([sys.executable, "-c", ERRORS, json.dumps(cases)], cwd=ROOT, env=clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_clear_errors_before_any_process_group(data, tmp_path):
+    run, empty, old = tmp_path / "r", tmp_path / "empty", tmp_path / "old"
+    empty.mkdir()
+    (old / "checkpoints" / "step_00000002").mkdir(parents=True)  # a ZeRO-2 checkpoint to resume
+    (old / "checkpoints" / "step_00000002" / "state.json").write_text(
+        json.dumps({"step": 2, "stage": "ul", "zero_stage": 2, "world_size": 1}))
+    rank0_of_3 = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29499"}
+    cases = [
+        ({}, ["--data.num_frames=6"], "1 + 4k"),
+        ({}, ["--train.micro_batch_size=4", "--train.global_batch_size=6"], "global_batch_size"),
+        (rank0_of_3, [], "micro_batch_size × world size"),
+        ({}, ["--train.warmup=3"], "unknown key 'train.warmup'"),
+        ({}, [f"--data.path={tmp_path / 'nowhere'}"], "does not exist"),
+        ({}, [f"--data.path={empty}"], "no videos, images or latent shards"),
+        ({}, ["--stage=base", f"--base.stage1_export={tmp_path / 'none.safetensors'}"], "export weights not found"),
+        ({}, ["--train.zero_stage=0", "--train.offload_optimizer=true"], "offload_optimizer"),
+    ]
+    argvs = [(env, train_cmd(run, data, "--train.steps=1", *extra)[3:]) for env, extra, _ in cases]
+    argvs.append(({}, train_cmd(old, data, "--train.zero_stage=0")[3:]))
+    cases.append(({}, [], "written with train.zero_stage=2"))
+    for (rc, message, initialized), (_, _, expect) in zip(_errors(argvs), cases):
+        assert rc == 2 and expect in message and not initialized, message
+        assert len(message.strip().splitlines()) == 1  # one clear line, no traceback
+    assert not run.exists()
