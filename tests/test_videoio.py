@@ -235,3 +235,39 @@ def test_bad_files_raise_with_reason(tmp_path):
     with pytest.raises(VideoError) as e:
         read_frames(full, [3, 9], "pyav")
     assert e.value.reason == "too short"
+
+
+
+def test_forked_worker_never_frees_the_parents_threaded_decoders():
+    """A DataLoader worker is a fork. A threaded decoder that the parent left to the garbage
+    collector must not be freed in the child, where its threads do not exist (it deadlocks)."""
+    import gc
+    import os
+    import time
+
+    gc.disable()
+    try:
+        c = av.open(str(BIKES))
+        s = c.streams.video[0]
+        s.thread_type, s.codec_context.thread_count = "AUTO", 2
+        for _, _f in zip(range(5), c.decode(s)):
+            pass
+        c.close()
+        cycle = [s, c]
+        cycle.append(cycle)  # reachable only through a cycle: freed by a collection
+        del s, c, cycle, _f
+        pid = os.fork()
+        if pid == 0:
+            gc.collect()
+            os._exit(0)
+    finally:
+        gc.enable()
+    for _ in range(200):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WEXITSTATUS(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung freeing the parent's decoder")

@@ -17,8 +17,10 @@ every backend, so all backends return the same frames (up to the colour conversi
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -56,8 +58,9 @@ def to_float(frames) -> torch.Tensor:
         raise TypeError(f"to_float expects uint8 pixels, got {x.dtype}")
     if x.ndim < 4 or x.shape[-1] != 3:
         raise ValueError(f"to_float expects (..., T, H, W, 3), got {tuple(x.shape)}")
-    x = x.movedim(-1, -4)  # (..., 3, T, H, W)
-    return x.float().div_(127.5).sub_(1.0)
+    out = torch.empty(x.movedim(-1, -4).shape, dtype=torch.float32)  # (..., 3, T, H, W), contiguous
+    out.copy_(x.movedim(-1, -4))  # one pass converts and transposes
+    return out.mul_(1.0 / 127.5).sub_(1.0)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -161,6 +164,7 @@ def probe(path: str | os.PathLike, exact: bool = False) -> VideoInfo:
     """
     path = str(path)
     container, stream = _open_av(path)
+    stream.codec_context.thread_count = 1  # one frame: decoder threads would only add start-up time
     try:
         try:
             first = next(container.decode(stream))
@@ -231,24 +235,28 @@ def available_backends() -> list[str]:
 
 
 class _ReaderCache:
-    """A few open decord readers per process: reopening rebuilds decord's frame index."""
+    """A few open decord readers per process and thread: reopening rebuilds decord's frame index,
+    and one reader must not seek for two threads at once."""
 
     def __init__(self, size: int = 4):
         self.size = size
         self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, path: str, threads: int):
         st = os.stat(path)
-        key = (os.getpid(), path, st.st_size, st.st_mtime, threads)  # pid: never reuse across fork
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
+        key = (threading.get_ident(), path, st.st_size, st.st_mtime, threads)
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
         import decord
 
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
-        self.items[key] = reader
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        with self.lock:
+            self.items[key] = reader
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
         return reader
 
 
@@ -256,14 +264,19 @@ _DECORD_READERS = _ReaderCache()
 _INHERITED: list = []
 
 
-def _forget_readers_after_fork() -> None:
-    # A forked child (a DataLoader worker) must neither use nor destroy the parent's decord
-    # readers: their decoder threads do not exist in the child, and freeing them crashes it.
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) must never free the parent's decoders: their threads
+    # do not exist in the child, and freeing a threaded decoder there crashes or deadlocks it
+    # (seen with both decord readers and PyAV codec contexts waiting for garbage collection).
+    # So the child keeps the parent's readers referenced, and never garbage-collects any object
+    # it inherited (gc.freeze); objects it creates itself are collected as usual.
     _INHERITED.append(_DECORD_READERS.items)
     _DECORD_READERS.items = OrderedDict()
+    _DECORD_READERS.lock = threading.Lock()
+    gc.freeze()
 
 
-os.register_at_fork(after_in_child=_forget_readers_after_fork)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _read_decord(path: str, unique: np.ndarray, threads: int) -> np.ndarray:

@@ -6,8 +6,8 @@
         ...
     state = loader.state_dict()        # the position after the batches the caller has received
 
-Workers (torch DataLoader processes) decode and crop; they return uint8, and the main process
-converts with `videoio.to_float`. A sample that fails to load is replaced by a seeded choice from
+Workers (torch DataLoader processes) decode, crop and convert with `videoio.to_float`, so the
+training process only receives finished batches. A sample that fails to load is replaced by a seeded choice from
 its bucket and counted in `loader.skips`, so one bad file never stops a run.
 """
 from __future__ import annotations
@@ -103,6 +103,8 @@ def collate(samples: list[dict]) -> dict:
             out[key] = values[0]
         elif key == "_skips":
             out[key] = [item for v in values for item in v]
+        elif key == "frames":  # in the worker, so the training process receives finished tensors
+            out["video"] = to_float(torch.stack(values))  # (B, T, H, W, 3) uint8 -> (B, 3, T, H, W)
         elif isinstance(values[0], torch.Tensor):
             out[key] = torch.stack(values)
         elif key in ("label", "num_frames"):
@@ -145,8 +147,6 @@ class ClipLoader:
         for batch in loader:
             epoch, k = batch.pop("_pos")
             self.skips.merge(batch.pop("_skips"))
-            if "frames" in batch:
-                batch = {"video": to_float(batch.pop("frames")), **batch}  # (B, T, H, W, 3) -> (B, 3, T, H, W)
             self._epoch, self._batch = epoch, k + 1  # counted when handed to the caller, not when prefetched
             yield batch
         if self.split != "train":
