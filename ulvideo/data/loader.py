@@ -143,7 +143,8 @@ class ClipLoader:
         w = self.num_workers
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchSampler(self.planner, self._epoch, self._batch), collate_fn=collate,
-            num_workers=w, prefetch_factor=2 if w else None, persistent_workers=False)
+            num_workers=w, prefetch_factor=2 if w else None, persistent_workers=False,
+            pin_memory=torch.cuda.is_available())  # page-locked batches copy to the GPU asynchronously
         for batch in loader:
             epoch, k = batch.pop("_pos")
             self.skips.merge(batch.pop("_skips"))
