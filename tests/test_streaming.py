@@ -239,6 +239,9 @@ def test_tile_weights_partition_unity():
             if tiling.margin and y > 0:  # the inner edge's margin gets no weight
                 assert wt[: tiling.margin].abs().max() == 0
         torch.testing.assert_close(total, torch.ones(size, size))
+    for bad in [S.Tiling(30, 8), S.Tiling(32, 24), S.Tiling(48, 16, 8), S.Tiling(48, 12)]:
+        with pytest.raises(ValueError):
+            bad.check(8)
 
 
 def test_tiling_is_exact_for_a_finite_receptive_field():

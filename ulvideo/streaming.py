@@ -8,14 +8,17 @@ round-off, for every chunk plan.
 
 The diffusion decoder runs a whole sampler per chunk ("chunk" order): at step i, chunk c needs
 the causal state the earlier chunks left *at step i*, so the cache holds one slot per sampler step
-(plus the final clean prediction). Noise is drawn per frame from (seed, purpose, step, frame)
-(`frame_noise`), so the streamed and the one-pass decode (`decode_full`) see the same numbers.
-Memory: the conv state is a few frames per layer per step, flat in T but proportional to `steps`;
-the middle transformer's block-causal attention over all earlier frames needs their tokens, which
-grow with T: steps * T * (H/m) * (W/m) * width values (m = `decoder.mid_downsampling`), and its
-blocks re-run over all earlier frames each chunk. The "step" order swaps the loops (every chunk
-at step i, then step i + 1): one slot of state at a time, flat in `steps`, but the whole clip's
-x_t is held and nothing comes out before the last step.
+(plus one for the final clean prediction) and spatial tile. Noise is drawn per frame from
+(seed, purpose, step, frame) (`frame_noise`), so the streamed and the one-pass decode
+(`decode_full`) see the same numbers. Memory, chunk order:
+  * conv state: `kt - stride` input frames per causal conv per slot, flat in T, x (steps + 1);
+  * middle transformer: its block-causal attention reaches every earlier frame, so their tokens
+    are kept, (steps + 1) * T * (H/m) * (W/m) * width values (m = `decoder.mid_downsampling`),
+    and its blocks re-run over all earlier frames each chunk (transient activations and compute
+    grow with T too). Per-block keys and values would avoid the re-run but take 2 * depth times
+    the memory; they would also need a cache argument in `TransformerBlock`.
+The "step" order swaps the loops (every chunk at step i, then step i + 1): one slot of state at a
+time, flat in `steps`, but the whole clip's x_t is held and nothing comes out before the end.
 
 Space (approximate). `Tiling(tile, overlap, margin)`: overlapping square tiles blended with linear
 ramps over their overlap, `margin` pixels at each inner tile edge discarded. A network with a
@@ -28,11 +31,15 @@ once at the end.
 
 How to call it (UnifiedLatents.decode / the CLI can route here when asked for chunks or tiles):
 
-    z_clean = streaming.encode(model, video, chunk=16)                       # (B, C, T', H', W')
+    z_clean = streaming.encode(model, video, chunk=16)                # = model.encode(video)
     z0 = streaming.noisy_latent(model, z_clean, seed=0)
     clip = streaming.decode(model, z0, chunk=16, steps=32, sampler="ddpm", seed=0)
-    for part in streaming.stream_reconstruct(model, frame_chunks, steps=32):  # O(1) memory in T
-        write(part)
+    for part in streaming.stream_reconstruct(model, frame_chunks, steps=32, seed=0):
+        write(part)                                                   # chunks of 1 + 16, then 16 frames
+
+`streaming.decode(..., chunk=None)` is the one-pass decode with the same per-frame noise.
+`UnifiedLatents.decode` draws its noise from one generator over the whole clip, so it gives a
+different (equally distributed) sample; to make them agree it would draw through `clip_noise`.
 """
 from __future__ import annotations
 
@@ -255,6 +262,8 @@ def sampler_step(z: torch.Tensor, out: torch.Tensor, logsnr_s: float, logsnr_t: 
     if method == "ddim":
         return a_t * x_hat + s_t * eps_hat
     if method == "ddpm":
+        if noise is None:
+            raise ValueError("a DDPM step needs its ancestral noise")
         one_minus_r = -math.expm1(logsnr_s - logsnr_t)
         return (1.0 - one_minus_r) * (a_t / a_s) * z.float() + a_t * one_minus_r * x_hat + s_t * math.sqrt(one_minus_r) * noise
     raise ValueError(f"unknown sampler '{method}' (ddpm, ddim)")
@@ -385,7 +394,8 @@ def stream_reconstruct(model, chunks: Iterable[torch.Tensor], steps: int = 32, s
                        latent_noise: str = "sample", tiling: Tiling | None = None,
                        encode_tiling: Tiling | None = None) -> Iterator[torch.Tensor]:
     """Pixel chunks -> reconstructed pixel chunks, encoder and decoder both streaming: memory flat in T
-    apart from the decoder's middle-transformer token history (see the module docstring)."""
+    apart from the decoder's middle-transformer token history (see the module docstring). Equals
+    `decode_full(model, noisy_latent(model, model.encode(clip), seed), steps, sampler, seed)`."""
 
     def latents():
         start = 0

@@ -21,7 +21,9 @@ frames then each cover 4 pixel frames). The conv stages carry their last input f
 the middle transformer keeps the tokens of all earlier frames (they enter its block-causal
 attention) and re-runs its blocks over [earlier, current] frames, returning the current ones. That
 token history grows with the number of frames: T * (H / m) * (W / m) * width values per slot,
-m = `mid_downsampling` (16 at sizes S to L). `cache.origin` places a spatial tile in the position embedding.
+m = `mid_downsampling` (16 at sizes S to L). Keeping the blocks' input rather than every block's
+keys and values costs 2 * depth times less memory, paid with the re-run (compute and transient
+activations over all earlier frames). `cache.origin` places a spatial tile in the position embedding.
 """
 from __future__ import annotations
 

@@ -1,0 +1,254 @@
+"""Peak memory and time of encode / decode vs. number of frames: one pass vs. streaming.
+
+    python benchmarks/memory_vs_frames.py                                  # tiny nets, 64x64, 9..129 frames
+    python benchmarks/memory_vs_frames.py --size S --height 128 --width 128 --steps 8 --frames 9 33 129
+    python benchmarks/memory_vs_frames.py --device cuda --size L --height 256 --width 256
+
+Prints one JSON line per (job, mode, frames) and one summary line per (job, mode), fitted over
+T >= 1 + chunk (below that a streamed clip is a single, shorter chunk). Goal: the streamed peak
+memory is flat in T. Modes:
+  encode full      model.encode on the whole clip (the clip is in memory).
+  encode stream    streaming.stream_encode over chunks of `--chunk` frames that are generated one
+                   at a time and dropped after use (neither the clip nor the latents are kept).
+  decode full      streaming.decode_full: one sampler over the whole clip.
+  decode stream    streaming.stream_decode, chunk order (each chunk runs every sampler step; the
+                   cache keeps state per step); output chunks are dropped after use.
+  decode step      streaming.decode(order="step"): every chunk at step i, then step i + 1; the
+                   whole x_t is held and returned.
+The decoder's middle transformer attends to all earlier frames, so streamed decoding keeps their
+tokens: `history_bytes_per_frame` is that closed form, (steps + 1 slots in chunk order, 1 in step
+order) * tokens per frame * width * 4 bytes; step order also holds the clip (x_t and the output,
+2 * 3 * H * W * 4 bytes per frame). The summary compares the measured slope with their sum
+(`expected_growth_bytes_per_frame`; 0 for the streamed encoder).
+
+Method. Each configuration runs in a fresh subprocess (model, inputs, one call). Peak memory:
+  cpu   resident-set high-water mark (VmHWM), reset just before the call by writing "5" to
+        /proc/self/clear_refs (where that is not possible, getrusage's ru_maxrss, which includes
+        the start-up; `hwm_reset` says which); reported as the growth over the RSS just before
+        the call, i.e. what the call itself needed beyond the resident weights and inputs.
+  cuda  torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus what was allocated
+        before the call.
+Time: the wall time of that single (cold) call; the machine's load is recorded beside it.
+Weights are random (memory and time do not depend on their values).
+
+Reading the numbers. At the tiny sizes the one-pass peak is not monotone in T: the CPU conv3d
+picks its algorithm (and workspace, hundreds of MB) by shape, which outweighs the activations
+themselves; compare the streamed curve's flatness, and use --height/--width or --size to make
+activations dominate. Streamed decoding re-runs the middle transformer over all earlier frames
+for every chunk and step, so its time grows faster than linearly in T.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+JOBS = {"encode": ("full", "stream"), "decode": ("full", "stream", "step")}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _frames(torch, start: int, n: int, h: int, w: int, device):
+    """Frames start .. start + n - 1 of a smooth moving pattern in [-1, 1], (1, 3, n, h, w): a chunk can be
+    made on its own, so the streamed encoder never needs the whole clip."""
+    t = torch.arange(start, start + n, device=device, dtype=torch.float32).view(n, 1, 1)
+    y = torch.linspace(0, 6.28, h, device=device).view(1, h, 1)
+    x = torch.linspace(0, 6.28, w, device=device).view(1, 1, w)
+    chans = [torch.sin(x + 0.2 * t) * torch.cos(y), torch.sin(2 * y - 0.1 * t), torch.cos(x + y + 0.3 * t)]
+    return torch.stack([c.expand(n, h, w) for c in chans]).unsqueeze(0)
+
+
+def _worker(spec: dict) -> dict:
+    import torch
+
+    from ulvideo import streaming as S
+    from ulvideo.config import load_config
+    from ulvideo.ul import UnifiedLatents
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"--encoder.size={spec['size']}", f"--decoder.size={spec['size']}",
+                             f"--prior.size={spec['size']}"])
+    model = UnifiedLatents(cfg).eval().to(device)
+    e = cfg.encoder
+    T, H, W, chunk = spec["frames"], spec["height"], spec["width"], spec["chunk"]
+    plan = S.chunk_plan(T, chunk, None, e.temporal_downsample)
+    lplan = S.latent_plan(plan, e.temporal_downsample)
+    lat_shape = (1, e.latent_channels, 0, H // e.spatial_downsample, W // e.spatial_downsample)
+    steps, sampler = spec["steps"], spec["sampler"]
+
+    def latents(start, n):
+        return S.clip_noise(7, 99, 0, start, lat_shape[:2] + (n,) + lat_shape[3:], device)
+
+    def chunk_starts(sizes):
+        return [sum(sizes[:i]) for i in range(len(sizes))]
+
+    job, mode = spec["job"], spec["mode"]
+    inputs = None
+    if job == "encode" and mode == "full":
+        inputs = _frames(torch, 0, T, H, W, device)
+    if job == "decode" and mode in ("full", "step"):
+        inputs = latents(0, sum(lplan))
+
+    def call():
+        if job == "encode" and mode == "full":
+            return model.encode(inputs).shape[2]
+        if job == "encode":
+            gen = (_frames(torch, s, n, H, W, device) for s, n in zip(chunk_starts(plan), plan))
+            return sum(z.shape[2] for z in S.stream_encode(model, gen))
+        if mode == "full":
+            return S.decode_full(model, inputs, steps, sampler, seed=0).shape[2]
+        if mode == "step":
+            return S.decode(model, inputs, chunk, steps=steps, sampler=sampler, seed=0, order="step").shape[2]
+        gen = (latents(s, n) for s, n in zip(chunk_starts(lplan), lplan))
+        return sum(x.shape[2] for x in S.stream_decode(model, gen, steps, sampler, seed=0))
+
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            reset = True
+        else:
+            reset = _reset_hwm()
+            before = _rss_bytes()
+        t0 = time.perf_counter()
+        out_frames = call()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if cuda else _hwm_bytes()) - before
+    dec = model.decoder
+    tokens = (H // dec.mid_downsampling) * (W // dec.mid_downsampling)
+    slots = {"stream": steps + 1, "step": 1}.get(mode, 0) if job == "decode" else 0
+    history = slots * tokens * dec.mid_in.out_features * 4
+    clip = 2 * 3 * H * W * 4 if (job, mode) == ("decode", "step") else 0  # x_t per chunk + the output
+    return {"peak_bytes": peak, "before_bytes": before, "hwm_reset": reset, "seconds": seconds,
+            "out_frames": out_frames, "chunk_plan": plan, "history_bytes_per_frame": history,
+            "expected_growth_bytes_per_frame": history + clip}
+
+
+def _hardware(device: str) -> dict:
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        info["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _run(spec: dict, timeout: float) -> dict:
+    try:
+        # A fixed glibc mmap threshold: every large tensor is its own mapping, returned to the OS
+        # when freed, so the resident set follows live memory (with the default dynamic threshold
+        # freed blocks stay in the heap and the high-water mark depends on allocation order).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        proc = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        return {"error": f"worker failed (rc {proc.returncode}): {proc.stderr.strip()[-400:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of y on x."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="tiny", help="network size for encoder and decoder (ulvideo.nets.SIZES)")
+    p.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33, 65, 129])
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=16, help="pixel frames per streamed chunk (the first has 1 + chunk)")
+    p.add_argument("--steps", type=int, default=4, help="decoder sampler steps")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--jobs", nargs="+", default=["encode", "decode"], choices=list(JOBS))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._worker:
+        print(json.dumps(_worker(json.loads(args._worker))))
+        return
+
+    config = {k: getattr(args, k) for k in ("size", "height", "width", "chunk", "steps", "sampler", "device", "threads")}
+    method = ("fresh subprocess per configuration; " + ("torch.cuda.max_memory_allocated minus allocated before the call"
+              if args.device == "cuda" else "RSS high-water mark (VmHWM reset via /proc/self/clear_refs; else "
+              "ru_maxrss) minus RSS before the call") + "; time = one cold call")
+    for job in args.jobs:
+        for mode in JOBS[job]:
+            points = []
+            for frames in args.frames:
+                spec = {**config, "job": job, "mode": mode, "frames": frames}
+                r = _run(spec, args.timeout)
+                line = {"what": "memory_vs_frames", "job": job, "mode": mode, "frames": frames, "config": config,
+                        "hardware": _hardware(args.device), "memory_method": method}
+                if "error" in r:
+                    print(json.dumps({**line, "skipped": True, "reason": r["error"]}), flush=True)
+                    continue
+                points.append((frames, r))
+                print(json.dumps({**line, "value": r["peak_bytes"], "unit": "bytes", **r,
+                                  "seconds_per_frame": r["seconds"] / frames}), flush=True)
+            # below 1 + chunk frames a streamed clip is one shorter chunk: the slope is taken from there on
+            fit = [(f, r) for f, r in points if f >= 1 + args.chunk]
+            if len(fit) < 2:
+                continue
+            fs = [f for f, _ in fit]
+            peaks = [r["peak_bytes"] for _, r in fit]
+            summary = {"what": "memory_vs_frames_summary", "job": job, "mode": mode, "config": config,
+                       "frames": fs, "peak_bytes": peaks, "seconds": [round(r["seconds"], 3) for _, r in fit],
+                       "peak_ratio_last_to_first": peaks[-1] / max(1, peaks[0]),
+                       "slope_bytes_per_frame": _slope(fs, peaks)}
+            if mode != "full":
+                expected = points[-1][1]["expected_growth_bytes_per_frame"]
+                summary["expected_growth_bytes_per_frame"] = expected
+                # flat: over the whole range, the growth beyond the expected per-frame state is < 10 % of the first peak
+                extra = (summary["slope_bytes_per_frame"] - expected) * (fs[-1] - fs[0])
+                summary["flat_beyond_expected"] = extra < 0.1 * peaks[0]
+            print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
