@@ -30,8 +30,12 @@ def clean_env(**extra) -> dict:
 
 
 def train_cmd(run_dir, data, *overrides, launcher=()) -> list[str]:
-    return [*launcher, *( [] if launcher else [sys.executable]), "-m", "ulvideo", "train", "configs/ul/tiny.yaml",
-            "--run-dir", str(run_dir), f"--data.path={data}", *SMALL, *map(str, overrides)]
+    """python -m ulvideo train ..., or LAUNCHER ... -m ulvideo train ... (LAUNCHER ... --module ulvideo train ...)."""
+    start = list(launcher) or [sys.executable]
+    if start[-1] != "--module":
+        start.append("-m")
+    return [*start, "ulvideo", "train", "configs/ul/tiny.yaml", "--run-dir", str(run_dir), f"--data.path={data}",
+            *SMALL, *map(str, overrides)]
 
 
 def train(run_dir, data, *overrides, launcher=(), check=True, env=None, timeout=900) -> subprocess.CompletedProcess:
@@ -90,11 +94,15 @@ def data(tmp_path_factory):
     return synth(tmp_path_factory.mktemp("resume") / "shapes")
 
 
-@pytest.mark.parametrize("zero", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
-                                  2, pytest.param(3, marks=pytest.mark.slow)])
-def test_train_4_equals_train_2_resume_2(zero, data, tmp_path):
+@pytest.mark.parametrize("zero,offload", [pytest.param(0, False, marks=pytest.mark.slow),
+                                         pytest.param(1, False, marks=pytest.mark.slow), (2, False),
+                                         pytest.param(3, False, marks=pytest.mark.slow),
+                                         pytest.param(2, True, marks=pytest.mark.slow),
+                                         pytest.param(3, True, marks=pytest.mark.slow)])
+def test_train_4_equals_train_2_resume_2(zero, offload, data, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = [f"--train.zero_stage={zero}", "--train.ckpt_every=100", "--train.ema_decay=0.5"]
+    common = [f"--train.zero_stage={zero}", f"--train.offload_optimizer={str(offload).lower()}",
+              "--train.ckpt_every=100", "--train.ema_decay=0.5"]
     train(straight, data, "--train.steps=4", *common)
     first = train(split, data, "--train.steps=2", *common)
     assert "done: step 2" in first.stdout

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,38 @@ def to_universal(tag_dir: Path) -> Path:
     sync_tree(tmp)
     os.replace(tmp, out)
     return out
+
+
+@dataclass
+class ResumePlan:
+    tag: str  # the checkpoint (EMA, state.json)
+    state: dict
+    load_dir: str  # what DeepSpeed's load_checkpoint gets
+    load_tag: str
+    universal: bool  # the engine must be configured with checkpoint.load_universal
+
+
+def plan_resume(ckpt_dir: Path, world_size: int, zero_stage: int, is_main: bool) -> ResumePlan | None:
+    """What to resume from (None: start fresh). Call on every rank after the process group started
+    and before the engine is built. A checkpoint from another world size or ZeRO stage is converted
+    to the universal format by rank 0 (once; cached inside the checkpoint); ZeRO-0 optimizer state
+    is not partitioned and loads at any world size as it is."""
+    import torch.distributed as dist
+
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    state = read_state_json(ckpt_dir, tag)
+    same = state.get("world_size", world_size) == world_size and state.get("zero_stage", zero_stage) == zero_stage
+    if same or zero_stage == 0:
+        return ResumePlan(tag, state, str(ckpt_dir), tag, universal=False)
+    error = [None]
+    if is_main:
+        try:
+            to_universal(ckpt_dir / tag)
+        except Exception as e:  # reported on every rank instead of leaving the others waiting
+            error[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise RuntimeError(f"converting {ckpt_dir / tag} to DeepSpeed's universal format failed: {error[0]}")
+    return ResumePlan(tag, state, str(ckpt_dir / tag), UNIVERSAL, universal=True)

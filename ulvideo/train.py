@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +151,8 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # NCCL collectives before the engine exists use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -287,15 +288,6 @@ def step_seeds(seed: int, step: int, slot: int) -> tuple[int, int]:
     return (a << 31) ^ b, (c << 31) ^ d
 
 
-@dataclass
-class _Resume:
-    tag: str
-    state: dict
-    load_dir: str  # what engine.load_checkpoint gets
-    load_tag: str
-    universal: bool
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         import deepspeed
@@ -307,7 +299,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        resume = self._plan_resume()
+        resume = ckpt.plan_resume(self.ckpt_dir, self.world, cfg.train.zero_stage, self.is_main)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.objective: Objective = make_objective(cfg)
         if cfg.train.activation_checkpointing:
@@ -339,29 +331,7 @@ class Trainer:
         return {"step": self.step, "data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total,
                 "world_size": self.world, "stage": self.cfg.stage, "zero_stage": self.cfg.train.zero_stage}
 
-    def _plan_resume(self) -> _Resume | None:
-        """What to load. A checkpoint from another world size or ZeRO stage is converted to the
-        universal format (rank 0, once; cached inside the checkpoint) before the engine exists."""
-        tag = ckpt.latest_tag(self.ckpt_dir)
-        if tag is None:
-            return None
-        state = ckpt.read_state_json(self.ckpt_dir, tag)
-        same = state.get("world_size", self.world) == self.world and \
-            state.get("zero_stage", self.cfg.train.zero_stage) == self.cfg.train.zero_stage
-        if same or self.cfg.train.zero_stage == 0:  # ZeRO-0 optimizer state is not partitioned
-            return _Resume(tag, state, str(self.ckpt_dir), tag, universal=False)
-        error = [None]
-        if self.is_main:
-            try:
-                ckpt.to_universal(self.ckpt_dir / tag)
-            except Exception as e:  # report on every rank instead of leaving the others in a barrier
-                error[0] = f"{type(e).__name__}: {e}"
-        torch.distributed.broadcast_object_list(error, src=0)
-        if error[0]:
-            raise RuntimeError(f"converting {self.ckpt_dir / tag} to DeepSpeed's universal format failed: {error[0]}")
-        return _Resume(tag, state, str(self.ckpt_dir / tag), ckpt.UNIVERSAL, universal=True)
-
-    def _load(self, r: _Resume) -> None:
+    def _load(self, r: ckpt.ResumePlan) -> None:
         path, _ = self.engine.load_checkpoint(r.load_dir, tag=r.load_tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {Path(r.load_dir) / r.load_tag}")
@@ -370,8 +340,8 @@ class Trainer:
         self.nonfinite_total = int(r.state.get("nonfinite_total", 0))
         self.loader.load_state_dict(r.state["data"])
         if self.is_main:
-            how = f" (written by {r.state.get('world_size')} processes at ZeRO-{r.state.get('zero_stage')}, " \
-                  "through the universal format)" if r.universal else ""
+            how = f" (written at world size {r.state.get('world_size')} with ZeRO-{r.state.get('zero_stage')}; " \
+                  "loaded through the universal format)" if r.universal else ""
             log.info("resumed from %s (step %d)%s", self.ckpt_dir / r.tag, self.step, how)
 
     def save(self) -> None:
