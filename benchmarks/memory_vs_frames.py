@@ -213,10 +213,12 @@ def main() -> None:
         print(json.dumps(_worker(json.loads(args._worker))))
         return
 
-    config = {k: getattr(args, k) for k in ("size", "height", "width", "chunk", "steps", "sampler", "device", "threads")}
-    method = ("fresh subprocess per configuration; " + ("torch.cuda.max_memory_allocated minus allocated before the call"
-              if args.device == "cuda" else "RSS high-water mark (VmHWM reset via /proc/self/clear_refs; else "
-              "ru_maxrss) minus RSS before the call") + "; time = one cold call")
+    keys = ("size", "height", "width", "chunk", "steps", "sampler", "device", "threads")
+    config = {k: getattr(args, k) for k in keys}
+    peak = ("torch.cuda.max_memory_allocated minus allocated before the call" if args.device == "cuda" else
+            "RSS high-water mark (VmHWM reset via /proc/self/clear_refs; else ru_maxrss) minus RSS before the call, "
+            "glibc MALLOC_MMAP_THRESHOLD_=131072")
+    method = f"fresh subprocess per configuration; {peak}; time = one cold call"
     for job in args.jobs:
         for mode in JOBS[job]:
             points = []

@@ -180,7 +180,8 @@ def _profile(size: int, starts: list[int], tile: int, margin: int, unit: int) ->
     return [w / total[s // unit: s // unit + t_out] for s, w in zip(starts, ws)]
 
 
-def tiles(height: int, width: int, tiling: Tiling, align: int, unit: int) -> list[tuple[int, int, int, int, torch.Tensor]]:
+def tiles(height: int, width: int, tiling: Tiling, align: int,
+          unit: int) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """(y0, x0, h, w, weight) per tile, pixels; `weight` is (h/unit, w/unit) and the weights of all
     tiles sum to 1 at every output cell."""
     tiling.check(align, unit)
@@ -265,7 +266,8 @@ def sampler_step(z: torch.Tensor, out: torch.Tensor, logsnr_s: float, logsnr_t: 
         if noise is None:
             raise ValueError("a DDPM step needs its ancestral noise")
         one_minus_r = -math.expm1(logsnr_s - logsnr_t)
-        return (1.0 - one_minus_r) * (a_t / a_s) * z.float() + a_t * one_minus_r * x_hat + s_t * math.sqrt(one_minus_r) * noise
+        return ((1.0 - one_minus_r) * (a_t / a_s) * z.float() + a_t * one_minus_r * x_hat
+                + s_t * math.sqrt(one_minus_r) * noise)
     raise ValueError(f"unknown sampler '{method}' (ddpm, ddim)")
 
 

@@ -95,8 +95,9 @@ class Encoder(nn.Module):
         if seen is None:
             self.check_input_shape(*x.shape[2:])
         elif x.shape[2] < 1 or x.shape[2] % self.temporal_downsample:
+            k = self.temporal_downsample
             raise ValueError(f"a streamed chunk after the first has {x.shape[2]} frames; it needs a positive "
-                             f"multiple of {self.temporal_downsample} (the first chunk has 1 + {self.temporal_downsample}k)")
+                             f"multiple of {k} (the first chunk has 1 + {k}k)")
         else:
             self.check_input_shape(1, *x.shape[3:])
         h = self.conv_in(patchify(x, self.patch_size))
