@@ -130,7 +130,7 @@ def worker(spec: dict) -> None:
             out = {"step_time": step, "clips_per_s": cfg.train.global_batch_size / step, "peak_memory": max(peaks),
                    "peak_is_growth": not cuda and reset_ok, "flops_per_step": flops,
                    "device": torch.cuda.get_device_name() if cuda else "cpu",
-                   "params": sum(p.numel() for p in trainer.objective.trained.parameters())}
+                   "params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.objective.trained.parameters())}
             print("RESULT " + json.dumps(out), flush=True)
         torch.distributed.barrier()
 
@@ -154,13 +154,25 @@ def run_one(stage: int, world: int, args, data: Path) -> dict:
     launch = [sys.executable] if world == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", _port()]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    # the same total of CPU threads at every world size (torchrun alone would set 1 per process)
+    env["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 1) // world))
     r = subprocess.run([*launch, __file__, "--_worker", json.dumps(spec)], cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         return {"error": (r.stdout + r.stderr)[-2000:]}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _median(reps: list[dict]) -> dict:
+    ok = [r for r in reps if "error" not in r]
+    if not ok:
+        return reps[-1]
+    out = dict(ok[0])
+    for key in ("step_time", "peak_memory"):
+        out[key] = statistics.median(r[key] for r in ok)
+    out["clips_per_s"] = ok[0]["clips_per_s"] * ok[0]["step_time"] / out["step_time"]
+    out["repeats"] = len(ok)
+    return out
 
 
 def main() -> None:
@@ -169,13 +181,14 @@ def main() -> None:
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="whole sweeps; each number is the median over them")
     p.add_argument("--micro", type=int, default=2, help="micro_batch_size")
     p.add_argument("--global-batch", type=int, default=4, help="global_batch_size (a multiple of micro x every world size)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--offload", action="store_true", help="CPU optimizer offload for ZeRO 1-3")
     p.add_argument("--config", default="configs/ul/tiny.yaml")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides, e.g. --set --prior.depths=[8]")
-    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per process (0: leave as is)")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per process (0: cpus / world size)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="chip peak for MFU when the name is not in the table")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -187,29 +200,35 @@ def main() -> None:
         data = Path(tmp) / "shapes"
         subprocess.run([sys.executable, "-m", "ulvideo", "data", "synth", "--out", str(data), "--num", "16", "--frames", "5",
                         "--size", "16", "--seed", "0"], cwd=ROOT, check=True, capture_output=True)
-        results, reference = {}, None
-        for world in args.worlds:
-            for stage in args.stages:
-                res = results[stage, world] = run_one(stage, world, args, data)
-                config = {"zero_stage": stage, "world_size": world, "micro_batch_size": args.micro,
-                          "global_batch_size": args.global_batch, "precision": args.precision, "offload": args.offload,
-                          "overrides": args.set, "params": res.get("params")}
-                if "error" in res:
-                    print(json.dumps({"what": "train_step", "config": config, "error": res["error"]}), flush=True)
-                    continue
-                hw = {**hardware, "device": res["device"]}
-                if (stage, world) == (0, 1):
-                    reference = res
-                metrics = [("step_time", res["step_time"], "s"), ("clips_per_s", res["clips_per_s"], "clips/s"),
-                           ("peak_memory", res["peak_memory"], "MiB (growth over libraries)" if res["peak_is_growth"] else "MiB")]
-                if res["flops_per_step"]:
-                    peak = args.peak_tflops or peak_tflops(res["device"])
-                    mfu = res["flops_per_step"] / (res["step_time"] * world * peak * 1e12) if peak else None
-                    metrics.append(("mfu", mfu, "fraction of dense bf16 peak" if peak else "unknown chip peak"))
-                for what, value, unit in metrics:
-                    ratio = value / reference[what] if reference and value and reference.get(what) else None
-                    print(json.dumps({"what": what, "config": config, "hardware": hw, "value": value, "unit": unit,
-                                      "ratio_to_zero0_world1": ratio}), flush=True)
+        runs: dict[tuple[int, int], list[dict]] = {}
+        for _ in range(args.repeats):  # sweeps interleaved, so slow phases of a shared machine hit every config
+            for world in args.worlds:
+                for stage in args.stages:
+                    runs.setdefault((stage, world), []).append(run_one(stage, world, args, data))
+        reference = _median(runs[0, 1]) if (0, 1) in runs else None
+        if reference and "error" in reference:
+            reference = None
+        for (stage, world), reps in runs.items():
+            res = _median(reps)
+            config = {"zero_stage": stage, "world_size": world, "micro_batch_size": args.micro,
+                      "global_batch_size": args.global_batch, "precision": args.precision, "offload": args.offload,
+                      "overrides": args.set, "params": res.get("params"), "steps": args.steps,
+                      "repeats": res.get("repeats", 0),
+                      "threads_per_process": args.threads or max(1, (os.cpu_count() or 1) // world)}
+            if "error" in res:
+                print(json.dumps({"what": "train_step", "config": config, "error": res["error"]}), flush=True)
+                continue
+            hw = {**hardware, "device": res["device"]}
+            metrics = [("step_time", res["step_time"], "s"), ("clips_per_s", res["clips_per_s"], "clips/s"),
+                       ("peak_memory", res["peak_memory"], "MiB (growth over libraries)" if res["peak_is_growth"] else "MiB")]
+            if res["flops_per_step"]:
+                peak = args.peak_tflops or peak_tflops(res["device"])
+                mfu = res["flops_per_step"] / (res["step_time"] * world * peak * 1e12) if peak else None
+                metrics.append(("mfu", mfu, "fraction of dense bf16 peak" if peak else "unknown chip peak"))
+            for what, value, unit in metrics:
+                ratio = value / reference[what] if reference and value and reference.get(what) else None
+                print(json.dumps({"what": what, "config": config, "hardware": hw, "value": value, "unit": unit,
+                                  "ratio_to_zero0_world1": ratio}), flush=True)
 
 
 if __name__ == "__main__":

@@ -130,10 +130,11 @@ def test_checkpoint_completes_atomically_and_rotates(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [pytest.param(0, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
-def test_non_finite_steps_are_skipped_whole(zero, data, tmp_path):
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16")])
+def test_non_finite_steps_are_skipped_whole(zero, precision, data, tmp_path):
     run, ref = tmp_path / "faulty", tmp_path / "ref"
-    common = [f"--train.zero_stage={zero}", "--train.ckpt_every=1", "--train.keep_last=10", "--train.ema_decay=0.5"]
+    common = [f"--train.zero_stage={zero}", f"--train.precision={precision}", "--train.ckpt_every=1",
+              "--train.keep_last=10", "--train.ema_decay=0.5"]
     # step index 1: NaN loss in the first micro-batch (the second one is fine and must not be applied);
     # step index 2: NaN gradient, finite loss, in the last micro-batch (the first one's gradient must be dropped)
     r = train_with_faults(run, data, {"1": ["loss", 0], "2": ["grad", 1]}, "--train.steps=4", *common)

@@ -192,3 +192,18 @@ def test_clear_errors_before_any_process_group(data, tmp_path):
         assert rc == 2 and expect in message and not initialized, message
         assert len(message.strip().splitlines()) == 1  # one clear line, no traceback
     assert not run.exists()
+
+
+@pytest.mark.slow
+def test_bf16_training_tracks_fp32_and_exports_full_fp32_weights(data, tmp_path):
+    """bf16 (DeepSpeed's bf16 weights, fp32 masters) against the same run in fp32: close, not equal."""
+    common = ["--train.zero_stage=3", "--train.steps=3", "--train.ema_decay=0.5"]
+    train(tmp_path / "fp32", data, *common, "--train.precision=fp32")
+    train(tmp_path / "bf16", data, *common, "--train.precision=bf16")
+    a = load_file(str(tmp_path / "fp32" / "exports" / "latest.safetensors"))
+    b = load_file(str(tmp_path / "bf16" / "exports" / "latest.safetensors"))
+    assert a.keys() == b.keys() and all(v.dtype == torch.float32 for v in b.values())
+    # bf16 keeps 8 bits of mantissa (0.4 %); Adam moves each weight by about lr per step either way
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-2, atol=5e-3, msg=lambda m: f"{k}: {m}")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -2,7 +2,7 @@
 
     ulvideo train configs/ul/tiny.yaml --run-dir runs/tiny                 # one process, no launcher
     torchrun --nproc_per_node 2 -m ulvideo train configs/ul/tiny.yaml --run-dir runs/tiny2
-    deepspeed --num_gpus 8 -m ulvideo train configs/ul/k600_128.yaml --run-dir runs/k600
+    deepspeed --num_gpus 8 --module ulvideo train configs/ul/k600_128.yaml --run-dir runs/k600
 
 Rerunning the same command resumes from RUN/checkpoints/latest, also at another world size (the
 checkpoint is converted to DeepSpeed's universal format once). The run dir holds config.yaml,
@@ -312,6 +312,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.objective, model_parameters=trainable,
                                                     config=ds_config, **extra)
         self.device = self.engine.device
+        self.bf16 = use_bf16(cfg)
         self.ema = EMA(self.engine.module.trained, cfg.train.ema_decay)
         self.loader = self.objective.build_loader(cfg, rank=self.rank, world_size=self.world)
         self.loader_iter = None
@@ -394,7 +395,10 @@ class Trainer:
             g = torch.Generator(device=self.device)
             g.manual_seed(gen_seed)
             torch.manual_seed(dropout_seed)  # dropout, if a size uses it
-            loss, logs = self.engine(batch, g, self.step)
+            # bf16: weights are bf16 (DeepSpeed keeps fp32 masters); autocast lets fp32 conditioning
+            # inputs (logSNR embeddings, text) meet them
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss, logs = self.engine(batch, g, self.step)
             # NaN gradients make the optimizers skip the step and drop the accumulated gradients;
             # a non-finite loss must do the same even where its gradient happens to be finite.
             # The factor is exactly 1.0 otherwise, and needs no host sync.
