@@ -301,6 +301,9 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         resume = ckpt.plan_resume(self.ckpt_dir, self.world, cfg.train.zero_stage, self.is_main)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        from ulvideo.attention import set_backend
+
+        set_backend(cfg.train.attention_backend)
         self.objective: Objective = make_objective(cfg)
         if cfg.train.activation_checkpointing:
             from ulvideo.activation_checkpointing import apply_activation_checkpointing
