@@ -7,6 +7,7 @@ lives here, so the loop never branches on the stage.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -140,6 +141,11 @@ class StageTwo(Objective):
         info = shard_encoding(cfg.data.path)
         self.cached_text_ok = bool(self.text and info and info.get("text_encoder") == self.text.fingerprint()
                                    and info.get("text_max_tokens") == self.text.max_tokens)
+        if self.text and info and info.get("text") is not False and not self.cached_text_ok:
+            logging.getLogger("ulvideo.train").warning(
+                "text embeddings cached in %s were made by %s with %s tokens; this run uses %s with %d: "
+                "captions are encoded every step instead", cfg.data.path, info.get("text_encoder"),
+                info.get("text_max_tokens"), self.text.fingerprint(), self.text.max_tokens)
 
     @property
     def trained(self) -> nn.Module:
