@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +62,7 @@ def main() -> None:
     train_s = time.time() - t_start
 
     from ulvideo.data import build_loader
-    from ulvideo.generate import load_pipeline
+    from ulvideo.generate import load_pipeline, tightness_report
     from ulvideo.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption, measure_clip, paraphrase, score_attributes
 
     pipe = load_pipeline(export1, base / "exports" / "latest.safetensors")
@@ -94,18 +93,8 @@ def main() -> None:
     result["generation_seconds"] = round(time.time() - gen_t0, 1)
 
     # tightness: stage-1 prior bits vs base-model ELBO on the same held-out latents
-    loader = build_loader(pipe.base_cfg.data, micro_batch_size=32, seed=0, split="heldout")
-    batch = next(iter(loader))
-    z = batch["z_clean"]
-    shape = tuple(z.shape)
-    cond, null = pipe.condition(list(batch["caption"]), None, None, shape)
-    with torch.no_grad():
-        prior = pipe.stage1.rate_bits(z, 32, seed=0).mean().item()
-        base_null = pipe.base.elbo_bits(z, null, 32, seed=0).mean().item()
-        base_cond = pipe.base.elbo_bits(z, cond, 32, seed=0).mean().item()
-    result["bits"] = {"heldout_latents": shape[0], "logsnr_samples": 32, "stage1_prior_bits_per_clip": round(prior, 2),
-                      "base_elbo_null_bits_per_clip": round(base_null, 2), "base_elbo_cond_bits_per_clip": round(base_cond, 2),
-                      "null_over_prior": round(base_null / prior, 4)}
+    batch = next(iter(build_loader(pipe.base_cfg.data, micro_batch_size=32, seed=0, split="heldout")))
+    result["bits"] = tightness_report(pipe, batch["z_clean"], list(batch["caption"]))
     result["total_seconds"] = round(time.time() - t_start, 1)
     result["train_seconds"] = round(train_s, 1)
     out = ROOT / args.out

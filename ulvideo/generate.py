@@ -109,6 +109,20 @@ class Pipeline:
         return to_uint8(video)
 
 
+@torch.no_grad()
+def tightness_report(pipe: Pipeline, z_clean: torch.Tensor, captions: list[str] | None = None,
+                     labels: list[int] | None = None, num_logsnrs: int = 32, seed: int = 0) -> dict:
+    """Bits per clip on the same latents: the stage-1 prior's ELBO and the base model's unweighted
+    ELBO with the null condition (the tightness check) and with the clips' own condition."""
+    cond, null = pipe.condition(captions, labels, None, tuple(z_clean.shape))
+    prior = pipe.stage1.rate_bits(z_clean, num_logsnrs, seed=seed).mean().item()
+    base_null = pipe.base.elbo_bits(z_clean, null, num_logsnrs, seed=seed).mean().item()
+    base_cond = pipe.base.elbo_bits(z_clean, cond, num_logsnrs, seed=seed).mean().item()
+    return {"latents": z_clean.shape[0], "logsnr_samples": num_logsnrs, "stage1_prior_bits_per_clip": round(prior, 2),
+            "base_elbo_null_bits_per_clip": round(base_null, 2), "base_elbo_cond_bits_per_clip": round(base_cond, 2),
+            "null_over_prior": round(base_null / prior, 4)}
+
+
 def load_pipeline(export: str | Path, base: str | Path) -> Pipeline:
     """Load a stage-1 and a stage-2 export once; a clear error when they don't belong together."""
     from ulvideo.text import load_text_encoder
