@@ -1,8 +1,5 @@
 """Stage 2: latent shards, base-model training through `ulvideo train`, generation contracts."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +7,7 @@ import pytest
 import torch
 
 from ulvideo import diffusion as D
+from conftest import run_ulvideo
 from ulvideo.checkpoint import ExportError, save_export
 from ulvideo.config import load_config
 from ulvideo.generate import load_pipeline, load_stage1
@@ -23,12 +21,7 @@ TRAIN = ["--train.global_batch_size=4", "--train.micro_batch_size=4", "--train.l
 
 
 def ulvideo(*args, check=True):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    r = subprocess.run([sys.executable, "-m", "ulvideo", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ulvideo {' '.join(map(str, args))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+    return run_ulvideo(*args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,12 @@
 """End to end: `ulvideo data synth` -> `ulvideo train` (DeepSpeed, one process) -> export -> encode/decode."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_ulvideo
 from ulvideo.checkpoint import load_export
 from ulvideo.generate import load_stage1
 from ulvideo.ul import UnifiedLatents
@@ -22,14 +20,7 @@ SMALL = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--d
 
 
 def ulvideo(*args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "ulvideo", *map(str, args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ulvideo {' '.join(map(str, args))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+    return run_ulvideo(*args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,19 @@
+"""Shared test helpers."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_ulvideo(*args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m ulvideo ARGS` from the repository root, as a fresh single process."""
+    full = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    full.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    r = subprocess.run([sys.executable, "-m", "ulvideo", *map(str, args)], cwd=ROOT, env=full,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"ulvideo {' '.join(map(str, args))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
