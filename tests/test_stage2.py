@@ -11,7 +11,7 @@ from conftest import run_ulvideo
 from ulvideo.checkpoint import ExportError, save_export
 from ulvideo.config import load_config
 from ulvideo.generate import load_pipeline, load_stage1
-from ulvideo.ul import Condition, LatentDiffusion, UnifiedLatents
+from ulvideo.ul import Condition, UnifiedLatents
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
