@@ -17,13 +17,7 @@ import subprocess
 import sys
 import time
 
-
-def _rss_hwm_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+from _rss import peak_rss_bytes, reset_peak_rss
 
 
 def worker(spec: dict) -> dict:
@@ -42,9 +36,8 @@ def worker(spec: dict) -> dict:
     x = torch.rand(spec["batch"], 3, spec["frames"], spec["size"], spec["size"]) * 2 - 1
     # no warm-up step: memory freed by a warm-up stays resident (allocator caches) and would hide the
     # activations; gradients are allocated alike in both cases
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current resident set
-    base = _rss_hwm_kb()
+    reset_peak_rss()  # the high-water mark restarts from the current resident set
+    base = peak_rss_bytes()
     t0 = time.perf_counter()
     saved: dict[int, int] = {}
 
@@ -61,7 +54,7 @@ def worker(spec: dict) -> dict:
     dt = time.perf_counter() - t0
     return {"checkpointing": spec["checkpointing"], "blocks_wrapped": wrapped,
             "saved_activations_mb": round(sum(saved.values()) / 2**20, 1),
-            "peak_step_mb": round((_rss_hwm_kb() - base) / 1024, 1), "step_s": round(dt, 3)}
+            "peak_step_mb": round((peak_rss_bytes() - base) / 2**20, 1), "step_s": round(dt, 3)}
 
 
 def main() -> None:

@@ -28,42 +28,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from _rss import peak_rss_bytes as _hwm_bytes, reset_peak_rss as _reset_hwm, rss_bytes as _rss_bytes
 
 # "auto" is the dispatcher's own choice: the speed goal applies to it where SDPA applies.
 BACKENDS = ("sdpa", "auto", "chunked", "triton", "xformers", "naive")
 GOAL_TOKENS = 16384
 GOAL_MEMORY_RATIO = 1.2
 GOAL_SPEED_VS_SDPA = 0.9
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class _Setup:
