@@ -24,22 +24,7 @@ import subprocess
 import sys
 import time
 
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from _rss import peak_rss_bytes as _hwm_bytes, reset_peak_rss as _reset_hwm
 
 
 def measure(preset: str, batch: int, repeats: int, device: str) -> dict:

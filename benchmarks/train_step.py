@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _rss import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SET = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
@@ -55,29 +56,6 @@ def peak_tflops(name: str) -> float | None:
 
 
 # ---- worker (one rank) --------------------------------------------------------------------------
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_flops(cfg, batch: dict, device) -> float:
@@ -103,8 +81,8 @@ def worker(spec: dict) -> None:
     from ulvideo.train import Trainer, use_bf16
 
     cfg = load_config(spec["config"], spec["overrides"])
-    reset_ok = _reset_peak_rss()
-    rss0 = _rss_mib()
+    reset_ok = reset_peak_rss()
+    rss0 = rss_bytes() / 2**20
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
         cuda = trainer.device.type == "cuda"
@@ -118,7 +96,7 @@ def worker(spec: dict) -> None:
                 torch.cuda.synchronize()
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib() - (rss0 if reset_ok else 0.0)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_bytes() / 2**20 - (rss0 if reset_ok else 0.0)
         flops = None
         if cuda and use_bf16(cfg) and trainer.rank == 0:
             batch = trainer._to_device(next(trainer.loader_iter))
