@@ -3,6 +3,7 @@ global batch equals one-process training (ZeRO 2 and 3), the sharded ZeRO-3 EMA 
 recomputed from DeepSpeed's own consolidation of every checkpoint, and a checkpoint resumes at
 another world size through the universal format. Run with `pytest -m distributed`."""
 import json
+import math
 import shutil
 import socket
 import sys
@@ -94,9 +95,14 @@ def test_ema_equals_the_average_of_consolidated_checkpoints(runs):
     torch.manual_seed(cfg.train.seed)
     w = [{k: v.detach().float() for k, v in make_objective(cfg).trained.named_parameters()}]
     w += [fp32_weights(two, s) for s in (1, 2, 3)]
-    d = cfg.train.ema_decay
+    # with warm-up, step k uses d_k = min(decay, (1 + k) / (10 + k)):
+    # EMA_n = prod_{k<=n} d_k w_0 + sum_j (1 - d_j) prod_{j<k<=n} d_k w_j
+    assert cfg.train.ema_warmup
+    d = [None] + [min(cfg.train.ema_decay, (1 + k) / (10 + k)) for k in (1, 2, 3)]
+    prod = lambda a, b: math.prod(d[a:b + 1])  # noqa: E731
     for n in (1, 3):
-        expected = {k: d**n * w[0][k] + sum((1 - d) * d ** (n - j) * w[j][k] for j in range(1, n + 1)) for k in w[0]}
+        expected = {k: prod(1, n) * w[0][k] + sum((1 - d[j]) * prod(j + 1, n) * w[j][k] for j in range(1, n + 1))
+                    for k in w[0]}
         got = {k: v for k, v in ema(two, n).items() if k in expected}
         assert_close(got, expected, f"ZeRO-{zero} sharded EMA at step {n}")
     assert any(not torch.allclose(got[k], w[3][k]) for k in got)  # the EMA is not just the weights

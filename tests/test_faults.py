@@ -91,6 +91,26 @@ def test_ema_never_absorbs_non_finite_weights():
     assert torch.allclose(ema.state_dict()["bias"], 0.5 * start["bias"] - 0.5, atol=1e-7)
 
 
+def test_ema_warmup_decay_follows_the_closed_form():
+    """Warm-up: step k uses min(decay, (1 + k) / (10 + k)); after n steps of constant weights w
+    the EMA is prod(d_k) w_0 + (1 - prod(d_k)) w."""
+    from ulvideo.train import EMA
+
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.99, warmup=True)
+    w0 = ema.state_dict()["weight"].clone()
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+    for k in range(1, 6):
+        assert ema.update(k)
+    keep = 1.0
+    for k in range(1, 6):
+        keep *= min(0.99, (1 + k) / (10 + k))
+    assert torch.allclose(ema.state_dict()["weight"], keep * w0 + (1 - keep) * 2.0, atol=1e-6)
+    assert EMA(net, decay=0.99, warmup=True).decay_at(10_000) == 0.99  # capped at the configured decay
+    assert EMA(net, decay=0.99).decay_at(1) == 0.99  # no warm-up: constant
+
+
 def _fake_save(ckpt_dir: Path, step: int, keep_last: int = 3) -> None:
     tmp = ckpt_dir / ckpt.begin_save(ckpt_dir, step)
     (tmp / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)

@@ -153,6 +153,9 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # decay min(ema_decay, (1 + step) / (10 + step)): short runs and early exports are not dominated
+    # by the initial weights (the warm-up of diffusers' and timm's EMA)
+    ema_warmup: bool = True
     zero_stage: int = 2
     offload_optimizer: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU

@@ -173,8 +173,9 @@ class EMA:
     rank) is not absorbed.
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = False):
         self.decay = decay
+        self.warmup = warmup
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.sharded = any(hasattr(p, "ds_tensor") for _, p in self.params)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -186,15 +187,21 @@ class EMA:
     def _local(p: torch.Tensor) -> torch.Tensor:
         return p.ds_tensor if hasattr(p, "ds_tensor") else p
 
+    def decay_at(self, step: int) -> float:
+        """Decay used by the update that ends optimizer step `step` (1-based). With warm-up it is
+        min(decay, (1 + step) / (10 + step)), so early averages do not drag in the initial weights."""
+        return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self) -> bool:
+    def update(self, step: int | None = None) -> bool:
+        decay = self.decay if step is None else self.decay_at(step)
         current = [self._local(p).detach() for _, p in self.params]
         finite = torch.isfinite(torch.stack(torch._foreach_norm(current))).all().float()
         if self.sharded and self.world > 1:  # every shard must take the same decision
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not bool(finite):
             return False
-        torch._foreach_lerp_([self.shadow[n] for n, _ in self.params], [c.float() for c in current], 1.0 - self.decay)
+        torch._foreach_lerp_([self.shadow[n] for n, _ in self.params], [c.float() for c in current], 1.0 - decay)
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -316,7 +323,7 @@ class Trainer:
                                                     config=ds_config, **extra)
         self.device = self.engine.device
         self.bf16 = use_bf16(cfg)
-        self.ema = EMA(self.engine.module.trained, cfg.train.ema_decay)
+        self.ema = EMA(self.engine.module.trained, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.loader = self.objective.build_loader(cfg, rank=self.rank, world_size=self.world)
         self.loader_iter = None
         self.metrics = MetricLog(self.run_dir, self.is_main, self.world)
@@ -412,7 +419,7 @@ class Trainer:
                 v = v.detach().float().mean() / accum
                 step_logs[k] = step_logs[k] + v if k in step_logs else v
         self.step += 1
-        if self.engine.was_step_applied() and self.ema.update():
+        if self.engine.was_step_applied() and self.ema.update(self.step):
             self.nonfinite_run = 0
             return {**step_logs, "clips": torch.tensor(float(clips * self.world))}
         self.nonfinite_total += 1

@@ -11,8 +11,8 @@ block-causally, so output frame f depends on x_t frames <= f and latent frames <
 
 Conditioning: logSNR through adaptive per-frame GroupNorm in the residual blocks and adaLN in the
 transformer. z0 is aligned in time (latent frame 0 once, each later frame repeated 4 times), put
-through a small per-frame conv stack at latent resolution and resized (nearest up / average down)
-to every stage's resolution, where it is added to the trunk. This path is deliberately NOT
+through a small per-frame conv stack at latent resolution and resized (sub-pixel depth-to-space up,
+average down) to every stage's resolution, where it is added to the trunk. This path is deliberately NOT
 zero-initialised, so the decoder depends on z0 from the first steps (DESIGN.md "Start-up dynamics").
 
 Streaming (`ulvideo.streaming`): under `layers.streaming(decoder, cache)` a first call takes
@@ -39,23 +39,27 @@ from ulvideo.nets.transformer import TransformerBlock
 
 
 class LatentInjection(nn.Module):
-    """Time-aligned z0 (B, C, T, h, w) -> features (B, channels, T, h * scale, w * scale).
+    """Time-aligned z0 (B, C, T, h, w) -> features (B, channels, T, h * up / down, w * up / down).
 
-    Per-frame convs (1x3x3, then 1x1x1) at latent resolution, then nearest upsampling (scale > 1)
-    or average pooling (scale < 1). A 1x1 conv commutes with nearest upsampling, so doing all the
-    work at latent resolution loses nothing and costs ~scale^2 times less.
+    Per-frame convs at latent resolution (1x3x3, then 1x1x1). To go up by `up`, the last conv
+    emits `channels * up^2` features per latent position and a depth-to-space rearrangement lays
+    them out as an up x up block of pixels (a sub-pixel convolution): every pixel of the block gets
+    its own learned features, so a latent can place an edge anywhere inside its 8x8 footprint.
+    Nearest upsampling instead makes the injected features constant over the block, and the trunk's
+    translation-invariant convs can then only locate detail relative to block borders. Going
+    down (stages coarser than the latent) average-pools.
     """
 
     def __init__(self, latent_channels: int, channels: int, up: int, down: int):
         super().__init__()
         self.up, self.down = up, down
         self.conv = CausalConv3d(latent_channels, channels, (1, 3, 3))
-        self.proj = CausalConv3d(channels, channels, 1)
+        self.proj = CausalConv3d(channels, channels * up * up, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.proj(F.silu(self.conv(z)))
         if self.up > 1:
-            h = F.interpolate(h, scale_factor=(1, self.up, self.up), mode="nearest")
+            h = rearrange(h, "b (c i j) t h w -> b c t (h i) (w j)", i=self.up, j=self.up)
         if self.down > 1:
             h = F.avg_pool3d(h, (1, self.down, self.down))
         return h
