@@ -12,18 +12,21 @@ block-causally, so output frame f depends on x_t frames <= f and latent frames <
 Conditioning: logSNR through adaptive per-frame GroupNorm in the residual blocks and adaLN in the
 transformer. z0 is aligned in time (latent frame 0 once, each later frame repeated 4 times), put
 through a small per-frame conv stack at latent resolution and resized (sub-pixel depth-to-space up,
-average down) to every stage's resolution, where it is added to the trunk. This path is deliberately NOT
-zero-initialised, so the decoder depends on z0 from the first steps (DESIGN.md "Start-up dynamics").
+average down) to every stage's resolution, where it is added to the trunk. Each injection's last conv starts at
+zero (see `LatentInjection`); the encoder's output starts at RMS ~1 (DESIGN.md "Start-up dynamics").
 
 Streaming (`ulvideo.streaming`): under `layers.streaming(decoder, cache)` a first call takes
 T = 1 + 4(T' - 1) frames and every later call T = 4 T' frames that continue the clip (their latent
 frames then each cover 4 pixel frames). The conv stages carry their last input frames in the cache;
-the middle transformer keeps the tokens of all earlier frames (they enter its block-causal
-attention) and re-runs its blocks over [earlier, current] frames, returning the current ones. That
-token history grows with the number of frames: T * (H / m) * (W / m) * width values per slot,
-m = `mid_downsampling` (16 at sizes S to L). Keeping the blocks' input rather than every block's
-keys and values costs 2 * depth times less memory, paid with the re-run (compute and transient
-activations over all earlier frames). `cache.origin` places a spatial tile in the position embedding.
+each block of the middle transformer keeps the keys and values of all earlier frames (they enter
+its block-causal attention) and attends from the current frames' queries to them, so a call
+computes only its own tokens. That key/value history grows with the number of frames:
+2 * depth * T * (H / m) * (W / m) * width values per slot, m = `mid_downsampling` (16 at sizes S
+to L); the decoder itself only counts the frames seen (the time offset of the position embedding).
+
+Tiling (`ulvideo.streaming`): `forward` is `up(middle(down(...)), ...)`, and the three parts can be
+called on their own so that the conv stages run tile by tile while the middle transformer runs
+once on the whole frame's (H / m) x (W / m) token grid.
 """
 from __future__ import annotations
 
@@ -55,6 +58,14 @@ class LatentInjection(nn.Module):
         self.up, self.down = up, down
         self.conv = CausalConv3d(latent_channels, channels, (1, 3, 3))
         self.proj = CausalConv3d(channels, channels * up * up, 1)
+        # Zero output ("zero convolution", as ControlNet's): at init the injected features are
+        # random functions of z0, i.e. noise added to the trunk, and the fastest way to reduce the
+        # loss is then to shrink them - through the encoder too, which drives z_clean below the
+        # sigma_0 noise floor before the decoder has learnt to read it (measured: a clip's latent
+        # fell from 65k to 200 bits within 350 steps of the rate hold, with decoder gain ~0).
+        # From zero, the projection only grows along directions that lower the loss.
+        nn.init.zeros_(self.proj.conv.weight)
+        nn.init.zeros_(self.proj.conv.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.proj(F.silu(self.conv(z)))
@@ -72,7 +83,7 @@ class Decoder(nn.Module):
     transformer, up stages, in execution order).
     """
 
-    stream: CausalCache | None = None  # set by layers.streaming; holds the middle tokens of earlier frames
+    stream: CausalCache | None = None  # set by layers.streaming; holds the number of frames seen
 
     def __init__(self, cfg, latent_channels: int, temporal_downsample: int = 4, spatial_downsample: int = 8):
         super().__init__()
@@ -149,12 +160,15 @@ class Decoder(nn.Module):
             raise ValueError(f"decoder input {H}x{W} must be divisible by {self.mid_downsampling} "
                              f"(patch {self.patch_size}, {len(self.size.channels)} downsamplings)")
 
-    def forward(self, x_t: torch.Tensor, z0: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        past = self.stream.get(self) if self.stream is not None else None  # (B, N_past, width) or None
-        self._check(x_t, z0, first=past is None)
-        B, _, T, H, W = x_t.shape
-        emb = self.logsnr_emb(batch_logsnr(logsnr, B, x_t.device)).to(x_t.dtype)
-        if past is None:
+    def embed(self, logsnr: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """logSNR (B,) or scalar -> the conditioning vector (B, emb_dim) in x_t's dtype."""
+        return self.logsnr_emb(batch_logsnr(logsnr, x_t.shape[0], x_t.device)).to(x_t.dtype)
+
+    def down(self, x_t: torch.Tensor, z0: torch.Tensor, emb: torch.Tensor,
+             first: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The conv stages: -> (middle input (B, ch[-1], T, H/m, W/m), skip tensors). `first`: x_t starts
+        the clip (else it continues a streamed one and each latent frame covers 4 pixel frames)."""
+        if first:
             z = expand_latent_time(z0, self.temporal_downsample)  # (B, C, T, H', W'), frame f <-> latent ceil(f/4)
         else:  # a later chunk starts at a pixel frame 4j + 1: each of its latent frames covers 4 frames
             z = z0.repeat_interleave(self.temporal_downsample, dim=2)
@@ -166,22 +180,21 @@ class Decoder(nn.Module):
                 h = self.blocks[i](h, emb)
             skips.append(h)
             h = self.downs[s](h)
-        h = h + self.inject[-1](z)
+        return h + self.inject[-1](z), skips
+
+    def middle(self, h: torch.Tensor, emb: torch.Tensor, offset: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+        """The transformer over the (T, H/m, W/m) token grid, (B, c, T, h, w) -> same shape. `offset`: the
+        grid's first (t, y, x) token in the clip, for the position embedding."""
         t, gh, gw = h.shape[2:]
-        t_past = 0 if past is None else past.shape[1] // (gh * gw)
-        origin = (0, 0) if self.stream is None else self.stream.origin
-        offset = (t_past, origin[0] // self.mid_downsampling, origin[1] // self.mid_downsampling)
         x = self.mid_in(rearrange(h, "b c t h w -> b (t h w) c"))
         x = x + sincos_3d(t, gh, gw, x.shape[-1], x.device, offset=offset).to(x.dtype)
-        if past is not None:
-            x = torch.cat([past, x], dim=1)
-        if self.stream is not None:
-            self.stream.put(self, x)
-        grid = (t_past + t, gh, gw)
         for i in self.mid_idx:
-            x = self.blocks[i](x, emb, grid)
-        x = x[:, t_past * gh * gw:]  # the current frames; earlier ones were returned by earlier calls
-        h = rearrange(self.mid_out(x), "b (t h w) c -> b c t h w", t=t, h=gh)
+            x = self.blocks[i](x, emb, (t, gh, gw))
+        return rearrange(self.mid_out(x), "b (t h w) c -> b c t h w", t=t, h=gh)
+
+    def up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        """The mirrored conv stages: middle output and the skips of `down` -> (B, 3, T, H, W)."""
+        skips = list(skips)
         for s in reversed(range(len(self.up_idx))):
             h = self.ups[s](F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest"))
             h = torch.cat([h, skips.pop()], dim=1)
@@ -189,3 +202,12 @@ class Decoder(nn.Module):
                 h = self.blocks[i](h, emb)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return unpatchify(out, self.patch_size)
+
+    def forward(self, x_t: torch.Tensor, z0: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        seen = self.stream.get(self) if self.stream is not None else None  # frames of earlier calls
+        self._check(x_t, z0, first=seen is None)
+        emb = self.embed(logsnr, x_t)
+        h, skips = self.down(x_t, z0, emb, first=seen is None)
+        if self.stream is not None:
+            self.stream.put(self, (seen or 0) + x_t.shape[2])
+        return self.up(self.middle(h, emb, (seen or 0, 0, 0)), skips, emb)
