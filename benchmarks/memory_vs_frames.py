@@ -1,25 +1,31 @@
-"""Peak memory and time of encode / decode vs. number of frames: one pass vs. streaming.
+"""Peak memory and time of encode / decode vs. number of frames: one pass vs. streaming vs. tiling.
 
     python benchmarks/memory_vs_frames.py                                  # tiny nets, 64x64, 9..129 frames
     python benchmarks/memory_vs_frames.py --size S --height 128 --width 128 --steps 8 --frames 9 33 129
-    python benchmarks/memory_vs_frames.py --device cuda --size L --height 256 --width 256
+    python benchmarks/memory_vs_frames.py --device cuda --size L --height 256 --width 256 --tile 64
 
 Prints one JSON line per (job, mode, frames) and one summary line per (job, mode), fitted over
 T >= 1 + chunk (below that a streamed clip is a single, shorter chunk). Goal: the streamed peak
-memory is flat in T. Modes:
+memory is flat in T, and the tiled one also lower. Modes:
   encode full      model.encode on the whole clip (the clip is in memory).
   encode stream    streaming.stream_encode over chunks of `--chunk` frames that are generated one
                    at a time and dropped after use (neither the clip nor the latents are kept).
+  encode tiled     the same, each chunk in spatial tiles of `--tile` pixels (streaming.Tiling).
   decode full      streaming.decode_full: one sampler over the whole clip.
   decode stream    streaming.stream_decode, chunk order (each chunk runs every sampler step; the
                    cache keeps state per step); output chunks are dropped after use.
+  decode tiled     the same, every network evaluation in spatial tiles of `--tile` pixels.
   decode step      streaming.decode(order="step"): every chunk at step i, then step i + 1; the
                    whole x_t is held and returned.
-The decoder's middle transformer attends to all earlier frames, so streamed decoding keeps their
-tokens: `history_bytes_per_frame` is that closed form, (steps + 1 slots in chunk order, 1 in step
-order) * tokens per frame * width * 4 bytes; step order also holds the clip (x_t and the output,
-2 * 3 * H * W * 4 bytes per frame). The summary compares the measured slope with their sum
-(`expected_growth_bytes_per_frame`; 0 for the streamed encoder).
+Tiled modes also report `max_abs_error_vs_one_pass`: each chunk is compared, as it comes out,
+with the one-pass result (encode full / decode full with the same noise), computed before the
+measured call (`--no-error` skips it); tiling is exact, so this is fp32 round-off.
+The decoder's middle transformer attends to all earlier frames, so streamed decoding keeps the
+keys and values of every middle block: `history_bytes_per_frame` is that closed form,
+(steps + 1 slots in chunk order, 1 in step order) * 2 * depth * tokens per frame * width * 4 bytes;
+step order also holds the clip (x_t and the output, 2 * 3 * H * W * 4 bytes per frame). The
+summary compares the measured slope with their sum (`expected_growth_bytes_per_frame`; 0 for the
+streamed encoder).
 
 Method. Each configuration runs in a fresh subprocess (model, inputs, one call). Peak memory:
   cpu   resident-set high-water mark (VmHWM), reset just before the call by writing "5" to
@@ -29,13 +35,15 @@ Method. Each configuration runs in a fresh subprocess (model, inputs, one call).
   cuda  torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus what was allocated
         before the call.
 Time: the wall time of that single (cold) call; the machine's load is recorded beside it.
-Weights are random (memory and time do not depend on their values).
+Weights are random (memory and time do not depend on their values; the norms' affine parameters
+and the zero-initialised layers are randomised so that the error check sees every path).
 
 Reading the numbers. At the tiny sizes the one-pass peak is not monotone in T: the CPU conv3d
 picks its algorithm (and workspace, hundreds of MB) by shape, which outweighs the activations
 themselves; compare the streamed curve's flatness, and use --height/--width or --size to make
-activations dominate. Streamed decoding re-runs the middle transformer over all earlier frames
-for every chunk and step, so its time grows faster than linearly in T.
+activations dominate. A streamed chunk attends to the keys and values of all earlier frames, so
+the attention's share of the time grows with T. Exact tiling reruns each tile once per GroupNorm
+(to gather whole-frame statistics) with a halo of context, so it trades time for memory.
 """
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ import sys
 import time
 from _rss import peak_rss_bytes as _hwm_bytes, reset_peak_rss as _reset_hwm, rss_bytes as _rss_bytes
 
-JOBS = {"encode": ("full", "stream"), "decode": ("full", "stream", "step")}
+JOBS = {"encode": ("full", "stream", "tiled"), "decode": ("full", "stream", "tiled", "step")}
 
 
 def _frames(torch, start: int, n: int, h: int, w: int, device):
@@ -59,6 +67,17 @@ def _frames(torch, start: int, n: int, h: int, w: int, device):
     x = torch.linspace(0, 6.28, w, device=device).view(1, 1, w)
     chans = [torch.sin(x + 0.2 * t) * torch.cos(y), torch.sin(2 * y - 0.1 * t), torch.cos(x + y + 0.3 * t)]
     return torch.stack([c.expand(n, h, w) for c in chans]).unsqueeze(0)
+
+
+def _randomise(torch, model) -> None:
+    """Norm gains and biases and the zero-initialised layers random, so that every path carries signal."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.1)
+            elif name.endswith("weight") and p.ndim == 1 and bool((p == 1).all()):  # norm gains
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g).to(p))
 
 
 def _worker(spec: dict) -> dict:
@@ -75,12 +94,15 @@ def _worker(spec: dict) -> dict:
     cfg = load_config(None, [f"--encoder.size={spec['size']}", f"--decoder.size={spec['size']}",
                              f"--prior.size={spec['size']}"])
     model = UnifiedLatents(cfg).eval().to(device)
+    _randomise(torch, model)
     e = cfg.encoder
     T, H, W, chunk = spec["frames"], spec["height"], spec["width"], spec["chunk"]
     plan = S.chunk_plan(T, chunk, None, e.temporal_downsample)
     lplan = S.latent_plan(plan, e.temporal_downsample)
     lat_shape = (1, e.latent_channels, 0, H // e.spatial_downsample, W // e.spatial_downsample)
     steps, sampler = spec["steps"], spec["sampler"]
+    job, mode = spec["job"], spec["mode"]
+    tiling = S.Tiling(spec["tile"]) if mode == "tiled" else None
 
     def latents(start, n):
         return S.clip_noise(7, 99, 0, start, lat_shape[:2] + (n,) + lat_shape[3:], device)
@@ -88,25 +110,39 @@ def _worker(spec: dict) -> dict:
     def chunk_starts(sizes):
         return [sum(sizes[:i]) for i in range(len(sizes))]
 
-    job, mode = spec["job"], spec["mode"]
-    inputs = None
+    inputs = reference = None
+    error = [0.0]
     if job == "encode" and mode == "full":
         inputs = _frames(torch, 0, T, H, W, device)
     if job == "decode" and mode in ("full", "step"):
         inputs = latents(0, sum(lplan))
+    if mode == "tiled" and spec["error"]:  # the one-pass result, before the measured call
+        with torch.no_grad():
+            if job == "encode":
+                reference = model.encode(_frames(torch, 0, T, H, W, device))
+            else:
+                reference = S.decode_full(model, latents(0, sum(lplan)), steps, sampler, seed=0)
+
+    def checked(parts, sizes):
+        """Yields the frame count of each part, recording its largest difference from the reference."""
+        for start, part in zip(chunk_starts(sizes), parts):
+            if reference is not None:
+                ref = reference[:, :, start:start + part.shape[2]]
+                error[0] = max(error[0], float((part - ref).abs().max()))
+            yield part.shape[2]
 
     def call():
         if job == "encode" and mode == "full":
             return model.encode(inputs).shape[2]
         if job == "encode":
             gen = (_frames(torch, s, n, H, W, device) for s, n in zip(chunk_starts(plan), plan))
-            return sum(z.shape[2] for z in S.stream_encode(model, gen))
+            return sum(checked(S.stream_encode(model, gen, tiling), lplan))
         if mode == "full":
             return S.decode_full(model, inputs, steps, sampler, seed=0).shape[2]
         if mode == "step":
             return S.decode(model, inputs, chunk, steps=steps, sampler=sampler, seed=0, order="step").shape[2]
         gen = (latents(s, n) for s, n in zip(chunk_starts(lplan), lplan))
-        return sum(x.shape[2] for x in S.stream_decode(model, gen, steps, sampler, seed=0))
+        return sum(checked(S.stream_decode(model, gen, steps, sampler, seed=0, tiling=tiling), plan))
 
     cuda = device.type == "cuda"
     with torch.no_grad():
@@ -126,12 +162,17 @@ def _worker(spec: dict) -> dict:
     peak = (torch.cuda.max_memory_allocated() if cuda else _hwm_bytes()) - before
     dec = model.decoder
     tokens = (H // dec.mid_downsampling) * (W // dec.mid_downsampling)
-    slots = {"stream": steps + 1, "step": 1}.get(mode, 0) if job == "decode" else 0
-    history = slots * tokens * dec.mid_in.out_features * 4
+    slots = {"stream": steps + 1, "tiled": steps + 1, "step": 1}.get(mode, 0) if job == "decode" else 0
+    history = slots * 2 * dec.size.depth * tokens * dec.size.width * 4
     clip = 2 * 3 * H * W * 4 if (job, mode) == ("decode", "step") else 0  # x_t per chunk + the output
-    return {"peak_bytes": peak, "before_bytes": before, "hwm_reset": reset, "seconds": seconds,
-            "out_frames": out_frames, "chunk_plan": plan, "history_bytes_per_frame": history,
-            "expected_growth_bytes_per_frame": history + clip}
+    result = {"peak_bytes": peak, "before_bytes": before, "hwm_reset": reset, "seconds": seconds,
+              "out_frames": out_frames, "chunk_plan": plan, "history_bytes_per_frame": history,
+              "expected_growth_bytes_per_frame": history + clip}
+    if mode == "tiled":
+        result["tile"] = spec["tile"]
+        result["max_abs_error_vs_one_pass"] = error[0] if reference is not None else None
+        result["one_pass_max_abs"] = float(reference.abs().max()) if reference is not None else None
+    return result
 
 
 def _hardware(device: str) -> dict:
@@ -176,6 +217,11 @@ def main() -> None:
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--chunk", type=int, default=16, help="pixel frames per streamed chunk (the first has 1 + chunk)")
+    p.add_argument("--tile", type=int, default=32, help="tile core in pixels for the tiled modes (multiple of the "
+                   "alignment: 8 for the encoder, lcm(8, mid_downsampling) for the decoder)")
+    p.add_argument("--modes", nargs="+", default=None, help="only these modes (full, stream, tiled, step)")
+    p.add_argument("--no-error", dest="error", action="store_false",
+                   help="tiled modes: skip the one-pass reference and the error check")
     p.add_argument("--steps", type=int, default=4, help="decoder sampler steps")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     p.add_argument("--jobs", nargs="+", default=["encode", "decode"], choices=list(JOBS))
@@ -188,7 +234,7 @@ def main() -> None:
         print(json.dumps(_worker(json.loads(args._worker))))
         return
 
-    keys = ("size", "height", "width", "chunk", "steps", "sampler", "device", "threads")
+    keys = ("size", "height", "width", "chunk", "tile", "error", "steps", "sampler", "device", "threads")
     config = {k: getattr(args, k) for k in keys}
     peak = ("torch.cuda.max_memory_allocated minus allocated before the call" if args.device == "cuda" else
             "RSS high-water mark (VmHWM reset via /proc/self/clear_refs; else ru_maxrss) minus RSS before the call, "
@@ -196,6 +242,8 @@ def main() -> None:
     method = f"fresh subprocess per configuration; {peak}; time = one cold call"
     for job in args.jobs:
         for mode in JOBS[job]:
+            if args.modes and mode not in args.modes:
+                continue
             points = []
             for frames in args.frames:
                 spec = {**config, "job": job, "mode": mode, "frames": frames}
@@ -218,6 +266,9 @@ def main() -> None:
                        "frames": fs, "peak_bytes": peaks, "seconds": [round(r["seconds"], 3) for _, r in fit],
                        "peak_ratio_last_to_first": peaks[-1] / max(1, peaks[0]),
                        "slope_bytes_per_frame": _slope(fs, peaks)}
+            errors = [r["max_abs_error_vs_one_pass"] for _, r in fit if r.get("max_abs_error_vs_one_pass") is not None]
+            if errors:
+                summary["max_abs_error_vs_one_pass"] = max(errors)
             if mode != "full":
                 expected = points[-1][1]["expected_growth_bytes_per_frame"]
                 summary["expected_growth_bytes_per_frame"] = expected

@@ -1,6 +1,6 @@
-"""Constant-memory encode and decode: streaming in time, tiling in space.
+"""Constant-memory encode and decode: streaming in time, tiling in space, both exact.
 
-Time (exact). The encoder and the decoder are causal (DESIGN.md §2), so a clip can run in chunks
+Time. The encoder and the decoder are causal (DESIGN.md §2), so a clip can run in chunks
 of `1 + 4k` pixel frames, then `4m` frames (latent chunks of `1 + k`, then `m` frames), each
 `CausalConv3d` prefixing a chunk with the last input frames of the previous one
 (`nets.layers.streaming`). The chunks, concatenated, equal the one-pass result up to fp32
@@ -12,28 +12,42 @@ the causal state the earlier chunks left *at step i*, so the cache holds one slo
 (seed, purpose, step, frame) (`frame_noise`), so the streamed and the one-pass decode
 (`decode_full`) see the same numbers. Memory, chunk order:
   * conv state: `kt - stride` input frames per causal conv per slot, flat in T, x (steps + 1);
-  * middle transformer: its block-causal attention reaches every earlier frame, so their tokens
-    are kept, (steps + 1) * T * (H/m) * (W/m) * width values (m = `decoder.mid_downsampling`),
-    and its blocks re-run over all earlier frames each chunk (transient activations and compute
-    grow with T too). Per-block keys and values would avoid the re-run but take 2 * depth times
-    the memory; they would also need a cache argument in `TransformerBlock`.
+  * middle transformer: its block-causal attention reaches every earlier frame, so each of its
+    `depth` blocks keeps their keys and values: (steps + 1) * 2 * depth * T * (H/m) * (W/m) * width
+    values (m = `decoder.mid_downsampling`). A chunk computes only its own tokens, attending to that
+    history, so only the attention's cost grows with T.
 The "step" order swaps the loops (every chunk at step i, then step i + 1): one slot of state at a
 time, flat in `steps`, but the whole clip's x_t is held and nothing comes out before the end.
 
-Space (approximate). `Tiling(tile, overlap, margin)`: overlapping square tiles blended with linear
-ramps over their overlap, `margin` pixels at each inner tile edge discarded. A network with a
-finite receptive field r and no spatial statistics gives exactly the one-pass result with
-margin >= r; ours are not such networks (per-frame GroupNorm takes statistics over the whole
-frame; the decoder's middle transformer attends across the whole frame), so tiling changes the
-result and `benchmarks/memory_vs_frames.py` / the tests measure by how much. For the diffusion
-decoder the tiles are blended at every network evaluation (each sampler step sees one x_t), not
-once at the end.
+Space. `Tiling(tile)` cuts each frame into cores of tile x tile pixels (the last row and column
+of cores shorter where the frame is not a multiple of `tile`) that partition it. A tile runs on its
+core plus a halo of context, clipped to the frame, at least as wide as the receptive field of the
+convs up to where the tile's output is cropped (`conv_reach`, traced from the network, rounded up
+to the alignment); only the core's output is kept, so the zero padding at a tile's inner edges never
+reaches it and nothing is blended. Two parts of our networks see the whole frame:
+  * per-frame GroupNorm: the statistics are gathered across tiles (`layers.FrameStatistics`). For
+    norm k = 1..N in execution order, every tile runs up to norm k (norms < k with their statistics
+    fixed) and adds float64 sums over its core; then norm k's statistics are fixed; a last round
+    runs every tile through. N + 1 rounds, each running the tiles only as far as the norm being
+    gathered: up to N + 1 times the compute of one tiled pass, for the memory of one tile.
+  * the decoder's middle transformer (frame-wide attention): it runs once, on the whole frame's
+    (H/m) x (W/m) token grid (small). The tiled decoder runs the down path tile by tile up to the
+    middle input, assembles the grid, runs the transformer, then runs each tile again: the down
+    path, recomputed for the tile's skip tensors, and the up path on the middle output cropped to
+    the tile. Keeping the skips from the first pass instead would save that recompute but hold the
+    skips of the whole frame (every stage's activations, the largest at full resolution), which is
+    the memory tiling is there to avoid.
+Tiled encode and decode equal the one-pass networks up to fp32 round-off at every tile size, also
+streamed in time. For the diffusion decoder this happens at every network evaluation (each sampler
+step sees one x_t). A tile of t pixels runs on up to (t + 2 halo)^2 pixels (halo 40 px for the tiny
+networks, `encoder_halo` / `decoder_halo`), so tiles well above the halo waste least compute.
 
 How to call it (UnifiedLatents.decode / the CLI can route here when asked for chunks or tiles):
 
     z_clean = streaming.encode(model, video, chunk=16)                # = model.encode(video)
     z0 = streaming.noisy_latent(model, z_clean, seed=0)
     clip = streaming.decode(model, z0, chunk=16, steps=32, sampler="ddpm", seed=0)
+    clip = streaming.decode(model, z0, chunk=16, steps=32, tiling=streaming.Tiling(128))  # the same clip
     for part in streaming.stream_reconstruct(model, frame_chunks, steps=32, seed=0):
         write(part)                                                   # chunks of 1 + 16, then 16 frames
 
@@ -49,9 +63,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ulvideo import diffusion as D
-from ulvideo.nets.layers import CausalCache, streaming
+from ulvideo.nets.layers import CausalCache, FrameStatistics, StatisticsMissing, shared_statistics, streaming
 
 NOISE_INIT, NOISE_STEP, NOISE_LATENT = 0, 1, 2  # purposes of the per-frame noise streams
 
@@ -128,92 +143,196 @@ def noisy_latent(model, z_clean: torch.Tensor, seed: int = 0, start: int = 0, mo
 
 @dataclass(frozen=True)
 class Tiling:
-    """Square tiles of `tile` pixels overlapping by at least `overlap` pixels; `margin` pixels at each
-    inner tile edge get weight 0 (the rest of the overlap is a linear ramp). Values are pixels; tile
-    and overlap must be multiples of the network's alignment (8 for the encoder, the lcm of 8 and
-    `mid_downsampling` for the decoder: tile origins must fall on every strided grid), the margin a
-    multiple of the output cell (8 pixels for the encoder's latents, 1 for the decoder)."""
+    """Spatial tiles whose cores are `tile` x `tile` pixels (a multiple of the network's alignment: 8 for
+    the encoder, the lcm of 8 and `mid_downsampling` for the decoder, so that every tile starts on
+    every strided grid); the halo is the network's receptive field (see the module docstring)."""
 
     tile: int
-    overlap: int = 16
-    margin: int = 0
-
-    def check(self, align: int, unit: int = 1) -> None:
-        if min(self.tile, self.overlap, self.margin) < 0 or self.tile == 0:
-            raise ValueError(f"{self}: sizes must be non-negative and the tile positive")
-        if self.tile % align or self.overlap % align or self.margin % unit:
-            raise ValueError(f"{self}: tile and overlap must be multiples of {align} pixels, the margin of {unit}")
-        if self.overlap and 2 * self.margin >= self.overlap:
-            raise ValueError(f"{self}: the overlap must exceed twice the margin (the blending ramp is what is left)")
-        if 2 * self.overlap > self.tile:
-            raise ValueError(f"{self}: the overlap may be at most half the tile")
 
 
-def _starts(size: int, tile: int, overlap: int, align: int) -> list[int]:
-    """Tile starts spread evenly over [0, size - tile], on multiples of `align`, overlaps >= `overlap`."""
-    if tile >= size:
-        return [0]
-    n = 1 + math.ceil((size - tile) / (tile - overlap))
-    # floor(v + 1/2), not round(): banker's rounding could widen one stride past tile - overlap
-    return sorted({math.floor(i * (size - tile) / (n - 1) / align + 0.5) * align for i in range(n)})
+@dataclass(frozen=True)
+class Tile:
+    """Rows y0:y1, columns x0:x1 of the frame: the region a tile runs on, its core (rows cy0:cy1,
+    columns cx0:cx1, the pixels it owns) with the halo around it, clipped to the frame."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    cy0: int
+    cy1: int
+    cx0: int
+    cx1: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.y1 - self.y0, self.x1 - self.x0
+
+    @property
+    def core(self) -> tuple[int, int, int, int]:
+        """The core in the tile's own coordinates: (y0, y1, x0, x1)."""
+        return self.cy0 - self.y0, self.cy1 - self.y0, self.cx0 - self.x0, self.cx1 - self.x0
 
 
-def _profile(size: int, starts: list[int], tile: int, margin: int, unit: int) -> list[torch.Tensor]:
-    """1D blend weights per tile on the output grid (`unit` pixels per output cell), summing to 1."""
-    n_out, t_out, m = size // unit, min(tile, size) // unit, margin // unit
-    ws = []
-    for i, s in enumerate(starts):
-        d = torch.arange(t_out, dtype=torch.float64)
-        w = torch.ones(t_out, dtype=torch.float64)
-        if i > 0:  # ramp up over the overlap with the previous tile
-            o = (starts[i - 1] + tile - s) // unit
-            w = torch.minimum(w, ((d - m + 0.5) / (o - 2 * m)).clamp(0, 1))
-        if i < len(starts) - 1:  # ramp down over the overlap with the next tile
-            o = (s + tile - starts[i + 1]) // unit
-            w = torch.minimum(w, ((t_out - 1 - d - m + 0.5) / (o - 2 * m)).clamp(0, 1))
-        ws.append(w)
-    total = torch.zeros(n_out, dtype=torch.float64)
-    for s, w in zip(starts, ws):
-        total[s // unit: s // unit + t_out] += w
-    if (total <= 0).any():
-        raise ValueError("tiling leaves output cells with zero weight: use a larger overlap or a smaller margin")
-    return [w / total[s // unit: s // unit + t_out] for s, w in zip(starts, ws)]
-
-
-def tiles(height: int, width: int, tiling: Tiling, align: int,
-          unit: int) -> list[tuple[int, int, int, int, torch.Tensor]]:
-    """(y0, x0, h, w, weight) per tile, pixels; `weight` is (h/unit, w/unit) and the weights of all
-    tiles sum to 1 at every output cell."""
-    tiling.check(align, unit)
+def tile_layout(height: int, width: int, tile: int, halo: int, align: int) -> list[Tile]:
+    """Cores of `tile` pixels from the top left (the last ones shorter) with `halo` pixels of context."""
+    if tile < 1 or tile % align or halo < 0 or halo % align:
+        raise ValueError(f"tiles of {tile} px with a {halo} px halo: both must be multiples of {align} px, "
+                         "the tile positive")
     if height % align or width % align:
         raise ValueError(f"{height}x{width} frames: tiling needs multiples of {align} pixels")
-    ys = _starts(height, tiling.tile, tiling.overlap, align)
-    xs = _starts(width, tiling.tile, tiling.overlap, align)
-    wy = _profile(height, ys, tiling.tile, tiling.margin, unit)
-    wx = _profile(width, xs, tiling.tile, tiling.margin, unit)
-    th, tw = min(tiling.tile, height), min(tiling.tile, width)
-    return [(y, x, th, tw, (a[:, None] * b[None, :]).float()) for y, a in zip(ys, wy) for x, b in zip(xs, wx)]
+
+    def spans(size):
+        return [(c, min(c + tile, size), max(0, c - halo), min(c + tile + halo, size)) for c in range(0, size, tile)]
+
+    return [Tile(y0, y1, x0, x1, cy0, cy1, cx0, cx1)
+            for cy0, cy1, y0, y1 in spans(height) for cx0, cx1, x0, x1 in spans(width)]
 
 
-def _run(fn, x: torch.Tensor, cache: CausalCache | None, slot, layout, unit: int) -> torch.Tensor:
-    """fn(x_tile, y0, x0) over the tiles in `layout` (or once, untiled), blended; `cache.slot` is
-    (slot, tile index) so every tile streams through its own state."""
-    if layout is None:
+def _tensors(obj) -> list[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+class _Reach(TorchFunctionMode):
+    """How far, in input pixels, the values of each tensor of a traced pass reach beyond their own cell.
+
+    The value at a cell of d x d pixels depends only on input pixels less than r beyond that cell.
+    A conv with a k x k kernel on cells of d pixels adds (k // 2) d to r (strided or not); an
+    upsampling (nearest, depth-to-space) from cells of d to d' < d adds d - d' (a fine cell sees its
+    whole coarse cell's context); pooling and space-to-depth add nothing; other ops pass their
+    inputs' reach on. Cell sizes are read where the layout is known: at conv inputs and outputs,
+    interpolation and pooling, and at the traced outputs. In between, a tensor carries (r, d) pairs,
+    one per path whose resizing by a reshape (patching, depth-to-space) is not settled yet. That
+    covers pointwise ops, convs, resizing aligned to the cells and GroupNorm with shared statistics
+    (`layers.FrameStatistics`); not attention, which a traced pass must not contain.
+    """
+
+    RESIZE = ("interpolate", "avg_pool2d", "avg_pool3d", "max_pool2d", "max_pool3d")
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        self.size, self.pairs, self.alive = size, {}, []  # alive: ids stay unique during the trace
+
+    def cell(self, x: torch.Tensor) -> int:
+        """Pixels a cell of the (..., H, W) tensor x."""
+        d = self.size[0] // x.shape[-2]
+        if d * x.shape[-2] != self.size[0] or d * x.shape[-1] != self.size[1]:
+            raise ValueError(f"a {tuple(x.shape[-2:])} grid does not tile the traced {self.size} pixels in square cells")
+        return d
+
+    @staticmethod
+    def settle(pairs, now: int) -> int:
+        """The reach on cells of `now` pixels."""
+        return max((r + max(0, d - now) for r, d in pairs), default=0)
+
+    def reach(self, x: torch.Tensor) -> int:
+        return self.settle(self.pairs.get(id(x), ()), self.cell(x))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = _tensors((args, kwargs))
+        pairs = {p for t in inputs for p in self.pairs.get(id(t), ())}
+        name = getattr(func, "__name__", "")
+        if name in ("conv2d", "conv3d"):
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            d = self.cell(x)
+            pairs = {(self.settle(pairs, d) + max(w.shape[-2:]) // 2 * d, self.cell(out))}
+        elif name in self.RESIZE:
+            pairs = {(self.settle(pairs, self.cell(out)), self.cell(out))}
+        written = _tensors(out)
+        if name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__")):
+            written += inputs[:1]  # in place: the first argument now holds the result
+        for t in written:
+            merged = pairs | set(self.pairs.get(id(t), ()))
+            # a pair with no larger reach and no larger cell than another never decides a settle
+            self.pairs[id(t)] = tuple(p for p in merged
+                                      if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in merged))
+            self.alive.append(t)
+        return out
+
+
+@torch.no_grad()
+def conv_reach(net: torch.nn.Module, fn, size: tuple[int, int]) -> int:
+    """The largest reach (pixels) of the (..., H, W) tensors `fn()` returns, on inputs of `size` = (H, W)
+    pixels: the context a tile needs around its core for its output there to equal the whole frame's
+    (see `_Reach`). `fn` runs `net` as one unchunked pass (an empty, non-recording cache shields any
+    stream state)."""
+    with streaming(net, CausalCache(record=False)), _Reach(size) as trace:
+        out = fn()
+    return max(trace.reach(t) for t in _tensors(out))
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def _tiled(net: torch.nn.Module, run, x: torch.Tensor, layout: list[Tile], unit: int, cache: CausalCache | None = None,
+           slot=0, stats: FrameStatistics | None = None, record: bool = True) -> torch.Tensor:
+    """run(tile, x_tile) over the tiles of `layout`, the cores of its outputs (`unit` pixels a cell)
+    assembled, every `FrameGroupNorm` of `net` with whole-frame statistics gathered in rounds (`stats`:
+    continue from statistics already fixed). `cache.slot` is (slot, tile index): each tile streams
+    through its own state, which only the last round advances (and, with record=False, none)."""
+    stats = FrameStatistics() if stats is None else stats
+    keep = cache is not None and cache.record
+
+    def go(i: int, tile: Tile, final: bool) -> torch.Tensor:
         if cache is not None:
-            cache.slot, cache.origin = (slot, 0), (0, 0)
-        return fn(x, 0, 0)
-    out = None
-    for index, (y0, x0, h, w, weight) in enumerate(layout):
+            cache.slot, cache.record = (slot, i), keep and record and final
+        stats.begin(tile.core, tile.size)
+        return run(tile, x[..., tile.y0:tile.y1, tile.x0:tile.x1])
+
+    def reaches_the_end(i: int, tile: Tile) -> bool:
+        try:
+            go(i, tile, False)
+        except StatisticsMissing:
+            return False
+        return True
+
+    try:
+        with shared_statistics(net, stats):
+            # a round per norm: every tile stops at the first norm without statistics, adding its core's sums
+            while not reaches_the_end(0, layout[0]):
+                if any(reaches_the_end(i, t) for i, t in enumerate(layout[1:], 1)):
+                    raise RuntimeError("tiles ran different sequences of norms")
+                stats.fix()
+            out = None
+            for i, tile in enumerate(layout):
+                o = go(i, tile, True)
+                if out is None:
+                    out = o.new_empty(*o.shape[:-2], x.shape[-2] // unit, x.shape[-1] // unit)
+                y0, y1, x0, x1 = (c // unit for c in tile.core)
+                out[..., tile.cy0 // unit:tile.cy1 // unit, tile.cx0 // unit:tile.cx1 // unit] = o[..., y0:y1, x0:x1]
+    finally:
         if cache is not None:
-            cache.slot, cache.origin = (slot, index), (y0, x0)
-        o = fn(x[..., y0:y0 + h, x0:x0 + w], y0, x0)
-        if out is None:
-            out = o.new_zeros(*o.shape[:3], x.shape[-2] // unit, x.shape[-1] // unit)
-        out[..., y0 // unit:(y0 + h) // unit, x0 // unit:(x0 + w) // unit] += o * weight.to(o)
+            cache.record = keep
     return out
 
 
 # ---- encode ---------------------------------------------------------------------------------------
+
+
+def encoder_halo(enc) -> int:
+    """Pixels of context a tile of the encoder needs on each side: the reach of its latents, rounded
+    up to the latent cell (traced on one frame of one latent cell)."""
+    a = enc.spatial_downsample
+    p = next(enc.parameters())
+    x = torch.zeros(1, 3, 1, a, a, device=p.device, dtype=p.dtype)
+    return _round_up(conv_reach(enc, lambda: enc(x), (a, a)), a)
+
+
+def _encode_call(enc, x: torch.Tensor, cache: CausalCache | None, layout: list[Tile] | None) -> torch.Tensor:
+    if layout is None:
+        if cache is not None:
+            cache.slot = (0, 0)
+        return enc(x)
+    return _tiled(enc, lambda tile, xt: enc(xt), x, layout, enc.spatial_downsample, cache)
 
 
 @torch.no_grad()
@@ -221,11 +340,12 @@ def stream_encode(model, chunks: Iterable[torch.Tensor], tiling: Tiling | None =
     """Pixel chunks (1 + 4k frames, then 4m frames) -> z_clean chunks (1 + k, then m latent frames)."""
     enc = model.encoder
     cache, layout = CausalCache(), None
+    halo = encoder_halo(enc) if tiling is not None else None
     with streaming(enc, cache):
         for x in chunks:
             if tiling is not None and layout is None:
-                layout = tiles(x.shape[-2], x.shape[-1], tiling, enc.spatial_downsample, enc.spatial_downsample)
-            yield _run(lambda xt, y0, x0: enc(xt), x, cache, 0, layout, enc.spatial_downsample)
+                layout = tile_layout(x.shape[-2], x.shape[-1], tiling.tile, halo, enc.spatial_downsample)
+            yield _encode_call(enc, x, cache, layout)
 
 
 @torch.no_grad()
@@ -236,8 +356,8 @@ def encode(model, x: torch.Tensor, chunk: int | None = 16, *, first: int | None 
         enc = model.encoder
         if tiling is None:
             return enc(x)
-        layout = tiles(x.shape[-2], x.shape[-1], tiling, enc.spatial_downsample, enc.spatial_downsample)
-        return _run(lambda xt, y0, x0: enc(xt), x, None, 0, layout, enc.spatial_downsample)
+        layout = tile_layout(x.shape[-2], x.shape[-1], tiling.tile, encoder_halo(enc), enc.spatial_downsample)
+        return _encode_call(enc, x, None, layout)
     plan = chunk_plan(x.shape[2], chunk, first, model.encoder.temporal_downsample)
     return torch.cat(list(stream_encode(model, split_time(x, plan), tiling)), dim=2)
 
@@ -271,29 +391,64 @@ def sampler_step(z: torch.Tensor, out: torch.Tensor, logsnr_s: float, logsnr_t: 
     raise ValueError(f"unknown sampler '{method}' (ddpm, ddim)")
 
 
-def decoder_tiles(dec, height: int, width: int, tiling: Tiling):
-    return tiles(height, width, tiling, math.lcm(dec.spatial_downsample, dec.mid_downsampling), 1)
+def decoder_halo(dec) -> int:
+    """Pixels of context a tile of the decoder needs on each side: the reach of the middle input (the
+    down path) and of the output (down and up path, the middle output given), rounded up to the
+    alignment (traced on one frame of the alignment's size)."""
+    a = math.lcm(dec.spatial_downsample, dec.mid_downsampling)
+    p = next(dec.parameters())
+    x = torch.zeros(1, 3, 1, a, a, device=p.device, dtype=p.dtype)
+    z0 = torch.zeros(1, dec.latent_channels, 1, a // dec.spatial_downsample, a // dec.spatial_downsample,
+                     device=p.device, dtype=p.dtype)
+
+    def both_paths():
+        emb = dec.embed(torch.zeros(1, device=p.device), x)
+        h, skips = dec.down(x, z0, emb)
+        return h, dec.up(torch.zeros(h.shape, device=h.device, dtype=h.dtype), skips, emb)
+
+    return _round_up(conv_reach(dec, both_paths, (a, a)), a)
 
 
-def _decoder_call(dec, x_t, z0, logsnr, cache: CausalCache | None, slot, layout) -> torch.Tensor:
-    s = dec.spatial_downsample
+def decoder_layout(dec, height: int, width: int, tiling: Tiling, halo: int | None = None) -> list[Tile]:
+    halo = decoder_halo(dec) if halo is None else halo
+    return tile_layout(height, width, tiling.tile, halo, math.lcm(dec.spatial_downsample, dec.mid_downsampling))
 
-    def fn(xt, y0, x0):
-        return dec(xt, z0[..., y0 // s:(y0 + xt.shape[-2]) // s, x0 // s:(x0 + xt.shape[-1]) // s], logsnr)
 
-    return _run(fn, x_t, cache, slot, layout, 1)
+def _decoder_call(dec, x_t, z0, logsnr, cache: CausalCache | None, slot, layout: list[Tile] | None,
+                  start: int = 0) -> torch.Tensor:
+    """The decoder network on x_t (frames from pixel frame `start` of the clip), tiled if `layout`."""
+    if layout is None:
+        if cache is not None:
+            cache.slot = (slot, 0)
+        return dec(x_t, z0, logsnr)
+    s, m, first = dec.spatial_downsample, dec.mid_downsampling, start == 0
+    dec._check(x_t, z0, first)
+    emb, stats = dec.embed(logsnr, x_t), FrameStatistics()
+
+    def down(tile, xt):
+        return dec.down(xt, z0[..., tile.y0 // s:tile.y1 // s, tile.x0 // s:tile.x1 // s], emb, first)
+
+    # the middle input, tile by tile (fixing the down path's statistics); nothing streams forward yet
+    h = _tiled(dec, lambda tile, xt: down(tile, xt)[0], x_t, layout, m, cache, slot, stats, record=False)
+    if cache is not None:
+        cache.slot = (slot, None)  # the middle's keys and values: one stream for the whole frame
+    mid = dec.middle(h, emb, (start, 0, 0))
+
+    def up(tile, xt):  # the down path again for the tile's skips, then the up path
+        return dec.up(mid[..., tile.y0 // m:tile.y1 // m, tile.x0 // m:tile.x1 // m], down(tile, xt)[1], emb)
+
+    return _tiled(dec, up, x_t, layout, 1, cache, slot, stats)
 
 
 def tiled_denoise(model, z0: torch.Tensor, tiling: Tiling) -> D.Denoise:
-    """`denoise(x_t, logsnr)` running the decoder tile by tile over whole clips and blending the outputs:
-    a drop-in for `model.decoder_denoise(z0)` in `diffusion.sample` (an approximation, see above)."""
-    dec, layout = model.decoder, None
+    """`denoise(x_t, logsnr)` running the decoder tile by tile over whole clips: a drop-in for
+    `model.decoder_denoise(z0)` in `diffusion.sample`, equal to it up to fp32 round-off."""
+    dec, layout, halo = model.decoder, None, decoder_halo(model.decoder)
 
     def denoise(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         nonlocal layout
-        layout = layout or decoder_tiles(dec, x_t.shape[-2], x_t.shape[-1], tiling)
-        with streaming(dec, CausalCache(record=False)) as cache:  # carries only the tile origins
-            return _decoder_call(dec, x_t, z0, logsnr, cache, 0, layout)
+        layout = layout or decoder_layout(dec, x_t.shape[-2], x_t.shape[-1], tiling, halo)
+        return _decoder_call(dec, x_t, z0, logsnr, None, 0, layout)
 
     return denoise
 
@@ -309,18 +464,21 @@ class _ChunkDecoder:
         self.logsnrs = [float(v) for v in D.sampling_logsnrs(model.decoder_schedule, steps)]
         self.logsnrs.append(float(model.decoder_schedule.logsnr_max))  # the final clean prediction
         self.tiling, self.layout = tiling, None
+        self.halo = decoder_halo(self.dec) if tiling is not None else None  # traced before any streaming
 
     def shape(self, z0: torch.Tensor, first: bool) -> tuple[int, ...]:
         k, s = self.dec.temporal_downsample, self.dec.spatial_downsample
         t = 1 + k * (z0.shape[2] - 1) if first else k * z0.shape[2]
         return (z0.shape[0], 3, t, z0.shape[3] * s, z0.shape[4] * s)
 
-    def denoise(self, x_t: torch.Tensor, z0: torch.Tensor, step: int, cache: CausalCache | None) -> torch.Tensor:
-        """The network output at sampler step `step` (index into self.logsnrs), tiled if asked."""
+    def denoise(self, x_t: torch.Tensor, z0: torch.Tensor, step: int, cache: CausalCache | None,
+                start: int) -> torch.Tensor:
+        """The network output at sampler step `step` (index into self.logsnrs) for the frames from pixel
+        frame `start`, tiled if asked."""
         if self.tiling is not None and self.layout is None:
-            self.layout = decoder_tiles(self.dec, x_t.shape[-2], x_t.shape[-1], self.tiling)
+            self.layout = decoder_layout(self.dec, x_t.shape[-2], x_t.shape[-1], self.tiling, self.halo)
         lam = torch.full((x_t.shape[0],), self.logsnrs[step], device=x_t.device)
-        return _decoder_call(self.dec, x_t, z0, lam, cache, step, self.layout)
+        return _decoder_call(self.dec, x_t, z0, lam, cache, step, self.layout, start)
 
     def update(self, x_t: torch.Tensor, out: torch.Tensor, step: int, start: int) -> torch.Tensor:
         """x_t at the next logSNR, or (after the last step) the clean prediction clipped to [-1, 1]."""
@@ -336,7 +494,7 @@ class _ChunkDecoder:
         """All sampler steps for the frames starting at pixel frame `start` (0 = a first chunk)."""
         x = clip_noise(self.seed, NOISE_INIT, 0, start, self.shape(z0, start == 0), z0.device)
         for step in range(self.steps + 1):
-            x = self.update(x, self.denoise(x, z0, step, cache), step, start)
+            x = self.update(x, self.denoise(x, z0, step, cache, start), step, start)
         return x
 
 
@@ -357,11 +515,7 @@ def stream_decode(model, z0_chunks: Iterable[torch.Tensor], steps: int = 32, sam
 def decode_full(model, z0: torch.Tensor, steps: int = 32, sampler: str = "ddpm", seed: int = 0,
                 tiling: Tiling | None = None) -> torch.Tensor:
     """The one-pass decode with the per-frame noise of the streamed one: the reference it must equal."""
-    runner = _ChunkDecoder(model, steps, sampler, seed, tiling)
-    if tiling is None:
-        return runner.run(z0, 0, None)
-    with streaming(model.decoder, CausalCache(record=False)) as cache:  # only for the tile origins
-        return runner.run(z0, 0, cache)
+    return _ChunkDecoder(model, steps, sampler, seed, tiling).run(z0, 0, None)
 
 
 @torch.no_grad()
@@ -387,7 +541,7 @@ def decode(model, z0: torch.Tensor, chunk: int | None = 16, *, first: int | None
         for step in range(steps + 1):
             cache.clear()  # step i's state starts again at frame 0; step i - 1's is no longer needed
             for c, (s, z) in enumerate(zip(starts, lat)):
-                xs[c] = runner.update(xs[c], runner.denoise(xs[c], z, step, cache), step, s)
+                xs[c] = runner.update(xs[c], runner.denoise(xs[c], z, step, cache, s), step, s)
     return torch.cat(xs, dim=2)
 
 
@@ -396,7 +550,7 @@ def stream_reconstruct(model, chunks: Iterable[torch.Tensor], steps: int = 32, s
                        latent_noise: str = "sample", tiling: Tiling | None = None,
                        encode_tiling: Tiling | None = None) -> Iterator[torch.Tensor]:
     """Pixel chunks -> reconstructed pixel chunks, encoder and decoder both streaming: memory flat in T
-    apart from the decoder's middle-transformer token history (see the module docstring). Equals
+    apart from the decoder's middle-transformer key/value history (see the module docstring). Equals
     `decode_full(model, noisy_latent(model, model.encode(clip), seed), steps, sampler, seed)`."""
 
     def latents():

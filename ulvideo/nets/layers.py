@@ -6,9 +6,12 @@ the T = 1 case and takes the same path. Every temporal operation in this package
   * norms take statistics per frame (`FrameGroupNorm`) or per token (LayerNorm), never over time;
   * patching is spatial only; temporal attention is causally masked where a network needs it.
 
-Streaming (ulvideo/streaming.py): `streaming(net, cache)` attaches one `CausalCache` to every module
-of `net` that keeps causal state (those declaring a class attribute `stream`), so a long video can
-run chunk by chunk in time with the same result as one pass; outside that context nothing changes.
+Streaming and tiling (ulvideo/streaming.py): `streaming(net, cache)` attaches one `CausalCache` to
+every module of `net` that keeps causal state (those declaring a class attribute `stream`), so a
+long video can run chunk by chunk in time with the same result as one pass; `shared_statistics(net,
+stats)` makes every `FrameGroupNorm` of `net` take its per-frame statistics from a `FrameStatistics`
+gathered over all spatial tiles of the frame, so a frame can run tile by tile with the same result
+as one pass. Outside these contexts nothing changes.
 """
 from __future__ import annotations
 
@@ -35,14 +38,12 @@ class CausalCache:
     One object per streamed call, never global: `streaming(net, cache)` attaches it to the modules
     that keep causal state, which read and write their own entry under the current `slot`. Slots
     separate independent streams through the same modules (the decoder uses one per sampler step
-    and spatial tile, the encoder one per tile). `origin` is the (y, x) pixel offset of the tile
-    being run, for position embeddings. With `record=False` nothing is stored: one unchunked call
-    that only needs `origin`.
+    and spatial tile, the encoder one per tile). With `record=False` entries are read but nothing
+    is stored: a pass that must not advance the stream (a tile run only to gather statistics).
     """
 
     def __init__(self, record: bool = True):
         self.slot = None
-        self.origin = (0, 0)
         self.record = record
         self._state: dict = {}
 
@@ -61,22 +62,27 @@ class CausalCache:
 
 
 @contextmanager
-def streaming(net: nn.Module, cache: CausalCache):
-    """Attach `cache` to every stateful module of `net` for the duration of the block.
+def _attach(net: nn.Module, name: str, value, doing: str):
+    """Set `name` on every module of `net` whose class declares it, for the duration of the block.
 
-    The attachment is an instance attribute shadowing the class's `stream = None` and is removed on
+    The attachment is an instance attribute shadowing the class's `name = None` and is removed on
     exit (also on error), so nothing leaks into later calls; nesting on the same modules is refused.
     """
-    mods = [m for m in net.modules() if hasattr(type(m), "stream")]
-    if any("stream" in vars(m) for m in mods):
-        raise RuntimeError("these modules are already streaming with another cache")
+    mods = [m for m in net.modules() if hasattr(type(m), name)]
+    if any(name in vars(m) for m in mods):
+        raise RuntimeError(f"these modules are already {doing} with another {type(value).__name__}")
     for m in mods:
-        m.stream = cache
+        setattr(m, name, value)
     try:
-        yield cache
+        yield value
     finally:
         for m in mods:
-            vars(m).pop("stream", None)
+            vars(m).pop(name, None)
+
+
+def streaming(net: nn.Module, cache: CausalCache):
+    """Attach `cache` to every stateful module of `net` (class attribute `stream`) for the block."""
+    return _attach(net, "stream", cache, "streaming")
 
 
 class CausalConv3d(nn.Module):
@@ -129,9 +135,72 @@ def norm_groups(channels: int) -> int:
     return math.gcd(32, max(1, channels // 4))
 
 
+class StatisticsMissing(Exception):
+    """Raised by a `FrameGroupNorm` whose whole-frame statistics are still being gathered: the tile's
+    pass ends there (`FrameStatistics`)."""
+
+
+class FrameStatistics:
+    """Whole-frame GroupNorm statistics for a network run tile by tile (exact spatial tiling).
+
+    Under `shared_statistics(net, stats)`, the `FrameGroupNorm` calls of one pass of `net` over one
+    tile are numbered in execution order (`begin` starts the count). Call i normalises with
+    `fixed[i]`, the per-frame, per-group mean and variance of its input over the whole frame, once
+    known. The first call whose statistics are not known instead adds the sum and the sum of
+    squares of its input over the tile's core (the pixels the tile owns: the cores partition the
+    frame, so every pixel is counted once) to float64 accumulators and raises `StatisticsMissing`,
+    ending the pass. When every tile has been run to that point, `fix()` turns the sums into that
+    call's statistics, and the next round runs one norm further. A pass with all statistics known
+    runs through; with a halo covering the receptive field of its convs, its core equals the
+    one-pass network's (N norms: N + 1 rounds over the tiles, memory of one tile).
+    """
+
+    def __init__(self):
+        self.fixed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mean, var), each (B, G, 1, T, 1) float32
+        self._calls = 0
+        self._core = self._size = None
+        self._sums = None  # (count, sum, sum of squares) of the call being gathered
+
+    def begin(self, core: tuple[int, int, int, int], size: tuple[int, int]) -> None:
+        """A pass over a tile `size` = (H, W) pixels whose core is rows y0:y1, columns x0:x1 of it."""
+        self._calls, self._core, self._size = 0, core, size
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, G, C/G, T, h, w) float32, at a resolution that divides the tile's -> (mean, var)."""
+        i, self._calls = self._calls, self._calls + 1
+        if i < len(self.fixed):
+            return self.fixed[i]
+        h, w = x.shape[-2:]
+        d = self._size[0] // h
+        y0, y1, x0, x1 = self._core
+        if (d * h, d * w) != tuple(self._size) or any(c % d for c in self._core):
+            raise ValueError(f"a {h}x{w} norm input does not divide the {self._size} pixel tile with core "
+                             f"{self._core}: tile starts and cores must be aligned to every stride")
+        core = x[..., y0 // d:y1 // d, x0 // d:x1 // d].double()
+        sums = (core[0, 0, :, 0].numel(), core.sum(dim=(2, 4, 5)), core.square().sum(dim=(2, 4, 5)))
+        self._sums = sums if self._sums is None else tuple(a + b for a, b in zip(self._sums, sums))
+        raise StatisticsMissing
+
+    def fix(self) -> None:
+        """Statistics of the call gathered over all tiles: mean = S1 / n, var = S2 / n - mean^2."""
+        n, s1, s2 = self._sums
+        mean = s1 / n
+        var = (s2 / n - mean.square()).clamp_min(0)
+        self.fixed.append((mean.float()[:, :, None, :, None], var.float()[:, :, None, :, None]))
+        self._sums = None
+
+
+def shared_statistics(net: nn.Module, stats: FrameStatistics):
+    """Make every `FrameGroupNorm` of `net` use (and gather) `stats` for the duration of the block."""
+    return _attach(net, "frame_stats", stats, "sharing statistics")
+
+
 class FrameGroupNorm(nn.Module):
     """GroupNorm with statistics over (C/G, H, W) of each frame separately: no statistics over time,
-    so a frame's output does not depend on later frames (DESIGN.md §2). Statistics in float32."""
+    so a frame's output does not depend on later frames (DESIGN.md §2). Statistics in float32.
+    Under `shared_statistics` they come from the whole frame while the input is one tile of it."""
+
+    frame_stats: FrameStatistics | None = None
 
     def __init__(self, channels: int, affine: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -143,7 +212,10 @@ class FrameGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x.shape
         xf = x.float().reshape(B, self.groups, C // self.groups, T, H * W)
-        var, mean = torch.var_mean(xf, dim=(2, 4), keepdim=True, correction=0)
+        if self.frame_stats is None:
+            var, mean = torch.var_mean(xf, dim=(2, 4), keepdim=True, correction=0)
+        else:
+            mean, var = self.frame_stats.moments(xf.view(B, self.groups, C // self.groups, T, H, W))
         y = ((xf - mean) * torch.rsqrt(var + self.eps)).reshape(B, C, T, H, W).to(x.dtype)
         if self.weight is not None:
             y = y * self.weight.view(1, C, 1, 1, 1) + self.bias.view(1, C, 1, 1, 1)

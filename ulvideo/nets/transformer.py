@@ -21,7 +21,7 @@ from torch import nn
 
 from ulvideo.attention import attention, key_padding_mask
 from ulvideo.config import BaseConfig
-from ulvideo.nets.layers import LogSNREmbedding, batch_logsnr, sincos_3d
+from ulvideo.nets.layers import CausalCache, LogSNREmbedding, batch_logsnr, sincos_3d
 from ulvideo.nets.sizes import resolve_transformer
 
 
@@ -47,11 +47,20 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, causal_block: int = 1) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> q, k, v, each (B, nh, N, hd), queries and keys RMS-normalised."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, N, hd)
-        o = attention(rms(self.q_norm, q), rms(self.k_norm, k), v, causal=causal, causal_block=causal_block)
-        return self.dropout(self.proj(o.transpose(1, 2).reshape(B, N, D)))
+        return rms(self.q_norm, q), rms(self.k_norm, k), v
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, nh, N, hd) -> (B, N, D)."""
+        B, _, N, _ = o.shape
+        return self.dropout(self.proj(o.transpose(1, 2).reshape(B, N, -1)))
+
+    def forward(self, x: torch.Tensor, causal: bool = False, causal_block: int = 1) -> torch.Tensor:
+        q, k, v = self.project(x)
+        return self.output(attention(q, k, v, causal=causal, causal_block=causal_block))
 
 
 class CrossAttention(nn.Module):
@@ -76,6 +85,15 @@ class CrossAttention(nn.Module):
         return self.dropout(self.proj(o.transpose(1, 2).reshape(B, N, D)))
 
 
+def frame_causal_mask(queries: int, keys: int, frame_tokens: int, device=None) -> torch.Tensor:
+    """(queries, keys) bool for queries that are the last `queries` tokens of the keys' sequence
+    (frame-major, `frame_tokens` tokens a frame): True iff frame(key) <= frame(query), i.e. every
+    earlier frame and the query's own. With queries == keys it is `attention.block_causal_mask`."""
+    q_frame = (torch.arange(queries, device=device) + keys - queries) // frame_tokens
+    k_frame = torch.arange(keys, device=device) // frame_tokens
+    return k_frame[None, :] <= q_frame[:, None]
+
+
 class TransformerBlock(nn.Module):
     """adaLN-Zero block over tokens (B, N, D) laid out as a (T, H, W) grid.
 
@@ -83,7 +101,15 @@ class TransformerBlock(nn.Module):
     (frame i attends frames <= i). `factorized=True`: attention within each frame, then across
     frames at the same spatial position (causal when `temporal_causal`). Optional cross-attention
     to text, then an MLP.
+
+    Streaming in time (`layers.streaming`, temporal_causal blocks only): each call carries the next
+    frames of a clip. The block appends the keys and values of its time-mixing attention (the one
+    attention when full, the temporal one when factorized) to its cache entry, (2, B', nh, N, hd)
+    with N growing by the call's tokens, and attends from the call's queries to all of them under
+    the block-causal mask: each chunk computes only its own tokens, and the result equals one pass.
     """
+
+    stream: CausalCache | None = None  # set by layers.streaming; keys and values of earlier frames
 
     def __init__(self, dim: int, cond_dim: int, head_dim: int = 64, *, factorized: bool = False,
                  temporal_causal: bool = False, context_dim: int = 0, mlp_ratio: float = 4.0, dropout: float = 0.0):
@@ -121,16 +147,32 @@ class TransformerBlock(nn.Module):
             x = x + mods[2] * self.attn(h).reshape(B, N, D)
             h = modulate(self.norm_t(x), mods[6], mods[7])
             h = rearrange(h, "b (t s) d -> (b s) t d", t=T)  # one sequence per spatial position
-            h = self.attn_t(h, causal=self.temporal_causal)
+            h = self._over_time(self.attn_t, h, 1)
             x = x + mods[8] * rearrange(h, "(b s) t d -> b (t s) d", b=B)
         else:
             h = modulate(self.norm1(x), mods[0], mods[1])
             # block-causal in time without a dense mask: token j is visible to token i iff
             # frame(j) <= frame(i), frames being consecutive runs of H*W tokens
-            x = x + mods[2] * self.attn(h, causal=self.temporal_causal, causal_block=H * W)
+            x = x + mods[2] * self._over_time(self.attn, h, H * W)
         if text is not None:
             x = x + self.cross(self.norm_x(x), text, text_mask)
         return x + mods[5] * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
+
+    def _over_time(self, attn: SelfAttention, h: torch.Tensor, frame_tokens: int) -> torch.Tensor:
+        """attn(h) across frames (runs of `frame_tokens` tokens), causal when `temporal_causal`;
+        under streaming also over the cached keys and values of earlier frames."""
+        if self.stream is None:
+            return attn(h, causal=self.temporal_causal, causal_block=frame_tokens)
+        if not self.temporal_causal:
+            raise RuntimeError("streaming in time needs temporal_causal attention")
+        q, k, v = attn.project(h)
+        kv = torch.stack([k, v])  # (2, B', nh, N, hd), a copy: a view would keep the whole qkv alive
+        past = self.stream.get(self)
+        if past is not None:
+            kv = torch.cat([past, kv], dim=3)
+        self.stream.put(self, kv)
+        mask = frame_causal_mask(q.shape[2], kv.shape[3], frame_tokens, q.device)
+        return attn.output(attention(q, kv[0], kv[1], mask=mask))
 
 
 class LatentTransformer(nn.Module):
