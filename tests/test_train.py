@@ -86,6 +86,14 @@ def test_encode_and_decode_commands(run, tmp_path):
     out = tmp_path / "clip.mp4"
     r = ulvideo("decode", "--export", export, "--input", z_path, "--out", out, "--steps", 2)
     assert out.is_file() and json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 5
+    # streamed/tiled paths through the CLI: the tiled latent equals the one-pass latent
+    tiled = tmp_path / "z_tiled.safetensors"
+    ulvideo("encode", "--export", export, "--input", data / "shape_00000.mp4", "--out", tiled, "--chunk", 4, "--tile", 8)
+    torch.testing.assert_close(load_file(str(tiled))["z_clean"], z, rtol=1e-5, atol=1e-5)
+    r = ulvideo("decode", "--export", export, "--input", z_path, "--out", tmp_path / "tiled.mp4", "--steps", 2,
+                "--chunk", 4, "--tile", 8)
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "tiled.mp4").is_file() and info["frames"] == 5 and info["tile"] == 8
 
 
 def test_bad_config_fails_before_any_process_group(tmp_path):

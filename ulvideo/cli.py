@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--shard-size", type=int, default=256)
     e.add_argument("--text-encoder", default=None, help="cache text embeddings with this encoder (default: the config's)")
+    e.add_argument("--chunk", type=int, default=None,
+                   help="stream in time: pixel frames per chunk after the first (a multiple of 4); equal to one pass, "
+                        "memory flat in clip length")
+    e.add_argument("--tile", type=int, default=None,
+                   help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
     e.set_defaults(run=_handler("generate", "main_encode"))
 
     d = sub.add_parser("decode", help="decode a latent file into a video with a stage-1 export")
@@ -79,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--latent-noise", choices=["sample", "mean"], default="sample",
                    help="z0 = alpha0 z_clean + sigma0 eps (sample, as in training) or alpha0 z_clean (mean)")
+    d.add_argument("--chunk", type=int, default=None,
+                   help="stream in time: pixel frames per chunk after the first (a multiple of 4); equal to one pass, "
+                        "memory flat in clip length")
+    d.add_argument("--tile", type=int, default=None,
+                   help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
     d.set_defaults(run=_handler("generate", "main_decode"))
 
     f = sub.add_parser("fvd", help="Frechet video distance: reference statistics and scores")

@@ -176,7 +176,13 @@ def main_encode(args) -> int:
 
     x = _read_input(args.input, args.num_frames, model.cfg)
     with torch.no_grad():
-        z = model.encode(x)[0]
+        if args.chunk or args.tile:
+            from ulvideo import streaming
+
+            tiling = streaming.Tiling(args.tile) if args.tile else None
+            z = streaming.encode(model, x, args.chunk, tiling=tiling)[0]
+        else:
+            z = model.encode(x)[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({"z_clean": z.contiguous()}, args.out, metadata={"source": str(args.input), "num_frames": str(x.shape[2])})
     print(f"z_clean {tuple(z.shape)} -> {args.out}")
@@ -199,14 +205,25 @@ def main_decode(args) -> int:
     if z.shape[1] != model.latent_channels:
         print(f"ulvideo decode: {args.input} has {z.shape[1]} latent channels, the export expects {model.latent_channels}", file=sys.stderr)
         return 2
-    g = torch.Generator().manual_seed(args.seed)
-    z0 = model.noisy_latent(z, g, args.latent_noise)
-    video = to_uint8(model.decode(z0, steps=args.steps, sampler=args.sampler, generator=g))[0]
+    if args.chunk or args.tile:
+        # per-frame noise streams: chunked, tiled and one-pass decoding draw the same sample
+        from ulvideo import streaming
+
+        tiling = streaming.Tiling(args.tile) if args.tile else None
+        with torch.no_grad():
+            z0 = streaming.noisy_latent(model, z, seed=args.seed, mode=args.latent_noise)
+            clip = streaming.decode(model, z0, args.chunk, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                    tiling=tiling)
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        z0 = model.noisy_latent(z, g, args.latent_noise)
+        clip = model.decode(z0, steps=args.steps, sampler=args.sampler, generator=g)
+    video = to_uint8(clip)[0]
     write_video(args.out, video)
     if not args.out.endswith(".png"):
         write_png_grid(Path(args.out).with_suffix(".png"), [video])
     print(json.dumps({"out": args.out, "frames": video.shape[0], "steps": args.steps, "sampler": args.sampler,
-                      "latent_noise": args.latent_noise, "seed": args.seed}))
+                      "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk, "tile": args.tile}))
     return 0
 
 
