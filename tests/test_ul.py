@@ -110,6 +110,50 @@ def test_loss_matches_design_formula(model):
         torch.testing.assert_close(terms.distortion, dist, rtol=1e-4, atol=1e-3)
 
 
+def test_startup_recon_term_by_hand():
+    """The start-up term is scale * w / 2 * ||x - x_hat||^2, x_hat the decoder's x-prediction at its
+    lowest logSNR from x_lmin = a x + s eps (drawn after the decoder's own draws); absent at scale 0."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["--data.num_frames=5", "--data.height=16", "--data.width=16",
+                             "--encoder.latent_channels=4", "--ul.startup_recon_weight=50"])
+    m = UnifiedLatents(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    x = clips()
+    assert m.loss(x, torch.Generator().manual_seed(3), startup_scale=0.0).startup is None
+    terms = m.loss(x, torch.Generator().manual_seed(3), rate_scale=0.5, startup_scale=0.5)
+    g = torch.Generator().manual_seed(3)
+    u = cfg.ul
+    with torch.no_grad():
+        z = m.encode(x)
+        D.sample_times(3, u.time_sampling, g), torch.randn(z.shape, generator=g)  # the prior's draws
+        z0 = m.alpha0 * z + m.sigma0 * torch.randn(z.shape, generator=g)
+        D.sample_times(3, u.time_sampling, g), torch.randn(x.shape, generator=g)  # the decoder's draws
+        lam = torch.full((3,), cfg.decoder.logsnr_min)
+        a2 = torch.sigmoid(lam).view(-1, 1, 1, 1, 1)
+        x_t = a2.sqrt() * x + (1 - a2).sqrt() * torch.randn(x.shape, generator=g)
+        v_hat = m.decoder(x_t, z0, lam)
+        x_hat = a2.sqrt() * x_t - (1 - a2).sqrt() * v_hat  # v-prediction -> x
+        ref = 0.5 * 50 * 0.5 * ((x - x_hat) ** 2).sum((1, 2, 3, 4))
+    torch.testing.assert_close(terms.startup, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(terms.total, terms.rate + terms.distortion + ref, rtol=1e-5, atol=1e-2)
+
+
+def test_startup_scale_fades_as_the_rate_ramps_in():
+    from ulvideo.objectives import StageOne
+
+    cfg = load_config(None, ["--ul.rate_hold_steps=10", "--ul.rate_ramp_steps=20", "--ul.startup_recon_weight=1"])
+    obj = StageOne(cfg)
+    rows = [obj.log_constants(s) for s in range(40)]
+    assert all(r["startup_recon_scale"] == 1.0 for r in rows[:10])  # the whole hold
+    assert all(r["startup_recon_scale"] == 0.0 for r in rows[30:])  # exact UL after the ramp
+    assert all(r["startup_recon_scale"] == pytest.approx(1.0 - r["rate_grad_scale"]) for r in rows)
+    mid = [r["startup_recon_scale"] for r in rows[10:30]]
+    assert all(a > b for a, b in zip(mid, mid[1:]))  # strictly fading during the ramp
+
+
 @pytest.mark.parametrize("t", [1, 5])
 def test_decode_shapes_range_and_seed(model, t):
     x = clips(b=2, t=t)

@@ -83,6 +83,10 @@ class ULConfig:
     time_sampling: Literal["uniform", "stratified", "antithetic"] = "stratified"
     rate_hold_steps: int = 0  # prior trains on z_clean.detach() for these steps
     rate_ramp_steps: int = 0  # then the rate's gradient scale ramps 0 -> 1 over these steps
+    # start-up reconstruction term: while the rate is held (and fading out as it ramps in), add
+    # (1 - rate scale) * w / 2 * ||x - x_hat(x_lmin, z0, lmin)||^2 nats, the decoder's prediction at
+    # its lowest logSNR (where only z0 informs it) made to count. 0 = off; after the ramp: exact UL.
+    startup_recon_weight: float = 0.0
     regularizer: Literal["diffusion_prior", "kl_vae"] = "diffusion_prior"
     kl_weight: float = 1.0  # beta, for regularizer = kl_vae
     eval_logsnr_samples: int = 32  # K stratified logSNRs per clip for held-out bits

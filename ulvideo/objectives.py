@@ -67,7 +67,8 @@ class StageOne(Objective):
 
     def forward(self, batch: dict, generator: torch.Generator, step: int):
         x = batch["video"].to(next(self.model.parameters()).dtype)
-        terms = self.model.loss(x, generator, self.rate_scale(step))
+        rate_scale = self.rate_scale(step)
+        terms = self.model.loss(x, generator, rate_scale, startup_scale=1.0 - rate_scale)
         _, _, t, h, w = x.shape
         pixels = t * h * w
         # both terms are per-clip sums; their sum is divided by ONE common constant (pixels per clip)
@@ -84,13 +85,16 @@ class StageOne(Objective):
         }
         if terms.vae_kl is not None:
             logs["vae_kl_bits_per_pixel"] = terms.vae_kl.detach() / LN2 / pixels
+        if terms.startup is not None:
+            logs["startup_recon_bits_per_pixel"] = terms.startup.detach() / LN2 / pixels
         if step % self.cfg.train.log_every == self.cfg.train.log_every - 1:
             logs["decoder_gain_bits"] = self.model.decoder_gain(x, generator)
         return loss, logs
 
     def log_constants(self, step: int) -> dict[str, float]:
         u = self.cfg.ul
-        return {"rate_grad_scale": self.rate_scale(step), "latent_logsnr": u.latent_logsnr,
+        return {"rate_grad_scale": self.rate_scale(step), "startup_recon_scale": 1.0 - self.rate_scale(step),
+                "latent_logsnr": u.latent_logsnr,
                 "prior_logsnr_min": u.prior_logsnr_min, "loss_factor": u.loss_factor, "sigmoid_bias": u.sigmoid_bias}
 
     def export_meta(self) -> dict:

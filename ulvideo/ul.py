@@ -35,13 +35,17 @@ class ULTerms:
     decoder_logsnr: torch.Tensor  # (B,)
     vae_kl: torch.Tensor | None = None  # (B,) KL(q(z|x) || N(0, I)) of the KL-VAE baseline
     kl_weight: float = 1.0  # beta of the KL-VAE baseline
+    startup: torch.Tensor | None = None  # (B,) start-up reconstruction term, already scaled (0 after the ramp)
 
     @property
     def total(self) -> torch.Tensor:
-        if self.vae_kl is None:
-            return self.rate + self.distortion
-        # KL-VAE baseline: the encoder pays beta * KL; the prior only measures (its input is detached)
-        return self.rate + self.distortion + self.kl_weight * self.vae_kl
+        total = self.rate + self.distortion
+        if self.vae_kl is not None:
+            # KL-VAE baseline: the encoder pays beta * KL; the prior only measures (its input is detached)
+            total = total + self.kl_weight * self.vae_kl
+        if self.startup is not None:
+            total = total + self.startup
+        return total
 
 
 def _sum(err: torch.Tensor) -> torch.Tensor:
@@ -114,11 +118,13 @@ class UnifiedLatents(nn.Module):
     def decoder_denoise(self, z0: torch.Tensor):
         return lambda x_t, logsnr: self.decoder(x_t, z0, logsnr)
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None, rate_scale: float = 1.0) -> ULTerms:
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None, rate_scale: float = 1.0,
+             startup_scale: float = 0.0) -> ULTerms:
         """Stage-1 terms for a batch of clips x (B, 3, T, H, W) in [-1, 1].
 
         Independent times and noises for prior and decoder, all drawn from `generator`.
-        `rate_scale` scales the rate's gradient into the encoder (1 after the start-up ramp).
+        `rate_scale` scales the rate's gradient into the encoder (1 after the start-up ramp);
+        `startup_scale` scales the start-up reconstruction term (`ul.startup_recon_weight`).
         """
         u = self.cfg.ul
         vae_kl = None
@@ -136,8 +142,26 @@ class UnifiedLatents(nn.Module):
                        generator=generator, time_sampling=u.time_sampling)
         z0 = self.noisy_latent(z_clean, generator)
         dist, dec_logsnr = self.decoder_loss(x, z0, generator)
+        startup = None
+        if startup_scale > 0 and u.startup_recon_weight > 0 and self.cfg.decoder.loss == "diffusion":
+            startup = startup_scale * u.startup_recon_weight * 0.5 * self.startup_recon_error(x, z0, generator)
         return ULTerms(prior.total, prior.diffusion, prior.terminal, u.loss_factor * dist, prior.logsnr, dec_logsnr,
-                       vae_kl, u.kl_weight)
+                       vae_kl, u.kl_weight, startup)
+
+    def startup_recon_error(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample ||x - x_hat||^2 of the decoder's x-prediction from x at its lowest logSNR.
+
+        There x_lambda is (almost) pure noise, so the Bayes-optimal prediction is E[x | z0]: the
+        same target the diffusion loss has at that logSNR, where its weight is ~e^lambda_min. This
+        term gives it weight during start-up, so the decoder learns to read z0 (and the encoder to
+        write into it) as fast as a plain autoencoder does.
+        """
+        lam = torch.full((x.shape[0],), self.cfg.decoder.logsnr_min, device=x.device)
+        a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        x_t = (a * x.float() + s * eps).to(x.dtype)
+        x_hat = D.predict_x_eps(self.decoder(x_t, z0, lam), x_t, lam, self.cfg.decoder.prediction)[0]
+        return _sum(x.float() - x_hat)
 
     def decoder_loss(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None,
                      t: torch.Tensor | None = None, eps: torch.Tensor | None = None):
