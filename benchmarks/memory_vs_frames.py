@@ -3,6 +3,7 @@
     python benchmarks/memory_vs_frames.py                                  # tiny nets, 64x64, 9..129 frames
     python benchmarks/memory_vs_frames.py --size S --height 128 --width 128 --steps 8 --frames 9 33 129
     python benchmarks/memory_vs_frames.py --device cuda --size L --height 256 --width 256 --tile 64
+    python benchmarks/memory_vs_frames.py --jobs decode --decoder-window 8   # decode flat in T as well
 
 Prints one JSON line per (job, mode, frames) and one summary line per (job, mode), fitted over
 T >= 1 + chunk (below that a streamed clip is a single, shorter chunk). Goal: the streamed peak
@@ -21,11 +22,16 @@ Tiled modes also report `max_abs_error_vs_one_pass`: each chunk is compared, as 
 with the one-pass result (encode full / decode full with the same noise), computed before the
 measured call (`--no-error` skips it); tiling is exact, so this is fp32 round-off.
 The decoder's middle transformer attends to all earlier frames, so streamed decoding keeps the
-keys and values of every middle block: `history_bytes_per_frame` is that closed form,
-(steps + 1 slots in chunk order, 1 in step order) * 2 * depth * tokens per frame * width * 4 bytes;
-step order also holds the clip (x_t and the output, 2 * 3 * H * W * 4 bytes per frame). The
-summary compares the measured slope with their sum (`expected_growth_bytes_per_frame`; 0 for the
-streamed encoder).
+keys and values of every middle block: `history_bytes_per_frame` is their closed form per frame
+kept, (steps + 1 slots in chunk order, 1 in step order) * 2 * depth * tokens per frame * width * 4
+bytes, and `history_frames` the frames kept at the end: T, or min(T, W - 1) with
+`--decoder-window W` (`decoder.temporal_window`: frame f attends frames f - W + 1 .. f only, older
+keys and values are evicted; `history_bytes` is the product). Step order also holds the clip
+(x_t and the output, 2 * 3 * H * W * 4 bytes per frame). The summary compares the measured slope
+with the slope of history_bytes plus that clip term (`expected_growth_bytes_per_frame`; 0 for the
+streamed encoder, and for streamed decoding with a window once T >= W - 1 over the fitted range).
+A window changes the decoder's function (all decode modes, the one-pass reference included, use
+the same windowed network), so compare windowed and unwindowed runs for memory and time only.
 
 Method. Each configuration runs in a fresh subprocess (model, inputs, one call). Peak memory:
   cpu   resident-set high-water mark (VmHWM), reset just before the call by writing "5" to
@@ -42,7 +48,8 @@ Reading the numbers. At the tiny sizes the one-pass peak is not monotone in T: t
 picks its algorithm (and workspace, hundreds of MB) by shape, which outweighs the activations
 themselves; compare the streamed curve's flatness, and use --height/--width or --size to make
 activations dominate. A streamed chunk attends to the keys and values of all earlier frames, so
-the attention's share of the time grows with T. Exact tiling reruns each tile once per GroupNorm
+the attention's share of the time grows with T (with --decoder-window W, of the last W - 1 frames
+only: time per frame flat too). Exact tiling reruns each tile once per GroupNorm
 (to gather whole-frame statistics) with a halo of context, so it trades time for memory.
 """
 from __future__ import annotations
@@ -91,8 +98,11 @@ def _worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    cfg = load_config(None, [f"--encoder.size={spec['size']}", f"--decoder.size={spec['size']}",
-                             f"--prior.size={spec['size']}"])
+    overrides = [f"--encoder.size={spec['size']}", f"--decoder.size={spec['size']}", f"--prior.size={spec['size']}"]
+    window = spec.get("decoder_window")
+    if window is not None:
+        overrides.append(f"--decoder.temporal_window={window}")
+    cfg = load_config(None, overrides)
     model = UnifiedLatents(cfg).eval().to(device)
     _randomise(torch, model)
     e = cfg.encoder
@@ -164,10 +174,13 @@ def _worker(spec: dict) -> dict:
     tokens = (H // dec.mid_downsampling) * (W // dec.mid_downsampling)
     slots = {"stream": steps + 1, "tiled": steps + 1, "step": 1}.get(mode, 0) if job == "decode" else 0
     history = slots * 2 * dec.size.depth * tokens * dec.size.width * 4
+    kept = T if window is None else min(T, window - 1)  # frames of keys and values held at the end
     clip = 2 * 3 * H * W * 4 if (job, mode) == ("decode", "step") else 0  # x_t per chunk + the output
     result = {"peak_bytes": peak, "before_bytes": before, "hwm_reset": reset, "seconds": seconds,
-              "out_frames": out_frames, "chunk_plan": plan, "history_bytes_per_frame": history,
-              "expected_growth_bytes_per_frame": history + clip}
+              "out_frames": out_frames, "chunk_plan": plan, "decoder_window": window,
+              "history_bytes_per_frame": history, "history_frames": kept, "history_bytes": history * kept,
+              "clip_bytes_per_frame": clip,
+              "expected_growth_bytes_per_frame": (history if kept == T else 0) + clip}
     if mode == "tiled":
         result["tile"] = spec["tile"]
         result["max_abs_error_vs_one_pass"] = error[0] if reference is not None else None
@@ -227,6 +240,9 @@ def main() -> None:
     p.add_argument("--jobs", nargs="+", default=["encode", "decode"], choices=list(JOBS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--decoder-window", dest="decoder_window", type=int, default=None, metavar="W",
+                   help="decoder.temporal_window: the middle transformer attends the last W frames only "
+                   "(default: every earlier frame)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -234,7 +250,8 @@ def main() -> None:
         print(json.dumps(_worker(json.loads(args._worker))))
         return
 
-    keys = ("size", "height", "width", "chunk", "tile", "error", "steps", "sampler", "device", "threads")
+    keys = ("size", "height", "width", "chunk", "tile", "error", "steps", "sampler", "device", "threads",
+            "decoder_window")
     config = {k: getattr(args, k) for k in keys}
     peak = ("torch.cuda.max_memory_allocated minus allocated before the call" if args.device == "cuda" else
             "RSS high-water mark (VmHWM reset via /proc/self/clear_refs; else ru_maxrss) minus RSS before the call, "
@@ -270,7 +287,9 @@ def main() -> None:
             if errors:
                 summary["max_abs_error_vs_one_pass"] = max(errors)
             if mode != "full":
-                expected = points[-1][1]["expected_growth_bytes_per_frame"]
+                # the closed-form state's slope over the fitted frames (history_bytes is linear in T
+                # without a window, flat with one once T >= W - 1), plus the clip step order holds
+                expected = _slope(fs, [r["history_bytes"] for _, r in fit]) + fit[-1][1]["clip_bytes_per_frame"]
                 summary["expected_growth_bytes_per_frame"] = expected
                 # flat: over the whole range, the growth beyond the expected per-frame state is < 10 % of the first peak
                 extra = (summary["slope_bytes_per_frame"] - expected) * (fs[-1] - fs[0])

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ulvideo.config import BaseConfig, DecoderConfig, EncoderConfig, PriorConfig
+from ulvideo.kernels.reference import naive_attention
 from ulvideo.nets import SIZES, Decoder, Encoder, LatentTransformer, expand_latent_time
 from ulvideo.nets.layers import ResBlock
-from ulvideo.nets.transformer import TransformerBlock
+from ulvideo.nets.transformer import TransformerBlock, banded_attention
 
 C = 16  # latent channels (EncoderConfig default)
 TEXT_DIM = 12
@@ -152,6 +153,64 @@ def test_transformer_temporal_causality(attention):
     torch.manual_seed(0)
     acausal = perturb_zero_inits(LatentTransformer(PriorConfig(attention=attention), C))
     assert (acausal(z[:, :, :1], logsnr) - acausal(z, logsnr)[:, :, :1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_windowed_block_sees_only_its_window(attention, window):
+    # one decoder-style block (block-causal in time, banded by the window) on a (T, H, W) = (7, 2, 3)
+    # token grid; the block has no position embedding, so its output at frame f is a function of
+    # the frames it attends to only
+    T, grid = 7, (7, 2, 3)
+    torch.manual_seed(0)
+    block = perturb_zero_inits(TransformerBlock(32, 8, 8, factorized=attention == "factorized",
+                                                temporal_causal=True, temporal_window=window))
+    torch.manual_seed(0)
+    unbanded = perturb_zero_inits(TransformerBlock(32, 8, 8, factorized=attention == "factorized",
+                                                   temporal_causal=True))
+    g = torch.Generator().manual_seed(4)
+    x, cond = torch.randn(2, T * 6, 32, generator=g), torch.randn(2, 8, generator=g)
+    out = block(x, cond, grid)
+
+    def frames(t):
+        return t.reshape(2, -1, 6, 32)
+
+    # reference: frame f of the banded block = the last frame of the causal block on frames f - W + 1 .. f
+    for f in range(T):
+        f0 = max(0, f - window + 1)
+        crop = frames(x)[:, f0:f + 1].reshape(2, -1, 32)
+        ref = frames(unbanded(crop, cond, (f + 1 - f0, 2, 3)))[:, -1]
+        torch.testing.assert_close(frames(out)[:, f], ref, atol=1e-5, rtol=1e-5)
+    # perturbing frame 2 moves exactly the output frames 2 .. 2 + W - 1
+    y = frames(x.clone())
+    y[:, 2] += torch.randn(y[:, 2].shape, generator=g)
+    diff = (frames(block(y.reshape(2, -1, 32), cond, grid)) - frames(out)).abs().amax(dim=(0, 2, 3))
+    reach = [2 <= f < 2 + window for f in range(T)]
+    assert all(d > 1e-3 if r else d < 1e-6 for d, r in zip(diff.tolist(), reach)), diff
+
+
+@pytest.mark.parametrize("tokens,window", [(3, 1), (3, 2), (1, 3), (2, 4)])
+def test_banded_attention_in_query_blocks_is_masked_attention(tokens, window):
+    # reference: float64 softmax attention under the band mask built entry by entry
+    frames = 9
+    n = frames * tokens
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for _ in range(3))
+    frame = [i // tokens for i in range(n)]
+    mask = torch.tensor([[frame[j] <= frame[i] and frame[i] - frame[j] < window for j in range(n)] for i in range(n)])
+    ref = naive_attention(q, k, v, mask, compute_dtype=torch.float64)
+    for query_frames in (1, 2, 4, 9, None):
+        out = banded_attention(q, k, v, tokens, window, query_frames)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_window_is_validated():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="temporal_window"):
+            Decoder(DecoderConfig(temporal_window=bad), C)
+    with pytest.raises(ValueError, match="temporal_window"):
+        TransformerBlock(32, 8, 8, temporal_window=2)  # a window needs causal attention in time
+    assert Decoder(DecoderConfig(), C).temporal_window is None
 
 
 # ---- conditioning ---------------------------------------------------------------------------------

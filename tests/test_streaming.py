@@ -16,6 +16,7 @@ from ulvideo.attention import block_causal_mask
 from ulvideo.config import load_config
 from ulvideo.nets.layers import CausalCache, CausalConv3d, FrameGroupNorm, FrameStatistics, shared_statistics, streaming
 from ulvideo.nets.sizes import resolve_decoder
+from ulvideo.nets import transformer
 from ulvideo.nets.transformer import frame_causal_mask
 from ulvideo.ul import UnifiedLatents
 
@@ -177,6 +178,115 @@ def test_decoder_state_grows_only_by_middle_tokens(attention):
             sizes.append(cache.nbytes())
     per_frame = 2 * size.depth * grid * size.width * 4  # float32
     assert sizes[2] - sizes[1] == sizes[1] - sizes[0] == 4 * per_frame
+
+
+# ---- temporal window ------------------------------------------------------------------------------
+
+
+def brute_force_band(q_frames, k_frames, window):
+    """allowed[i, j] for query frame q_frames[i] and key frame k_frames[j]: g <= f and f - g < W."""
+    return torch.tensor([[g <= f and (window is None or f - g < window) for g in k_frames] for f in q_frames])
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 3, 6])
+def test_banded_mask_is_the_brute_force_rule(window):
+    for frames, tokens in [(1, 1), (5, 3), (7, 2), (9, 1)]:
+        frame_of = [i // tokens for i in range(frames * tokens)]
+        ref = brute_force_band(frame_of, frame_of, window)
+        assert torch.equal(block_causal_mask(frames, tokens, window=window), ref)
+        # streamed: the queries are the last frames of the keys, which may start later in the clip
+        for past in range(frames):
+            keys = frame_of[:(past + 1) * tokens]
+            for new in range(1, past + 2):
+                queries = keys[-new * tokens:]
+                ref = brute_force_band(queries, keys, window)
+                assert torch.equal(frame_causal_mask(len(queries), len(keys), tokens, window=window), ref)
+    if window is not None:  # a window reaching past the clip's start excludes nothing
+        assert torch.equal(block_causal_mask(4, 3, window=window + 3), block_causal_mask(4, 3))
+
+
+def test_bad_windows_are_clear_errors():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="window"):
+            block_causal_mask(3, 2, window=bad)
+    for flag in ("--decoder.temporal_window=2.5", "--decoder.temporal_window=abc"):
+        with pytest.raises(ValueError, match="temporal_window"):  # ConfigError, from the config's types
+            load_config(None, [flag])
+    for value in (0, -1):
+        with pytest.raises(ValueError, match="temporal_window"):
+            make_model(f"--decoder.temporal_window={value}")
+    assert load_config(None, ["--decoder.temporal_window=null"]).decoder.temporal_window is None
+    assert load_config(None, []).decoder.temporal_window is None
+
+
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_streamed_windowed_decoder_equals_one_pass(attention, window, monkeypatch):
+    dec = make_model(f"--decoder.attention={attention}", f"--decoder.temporal_window={window}").decoder
+    x_t, z0, lam = video(13, seed=2), latents(4, seed=3), torch.tensor([0.5])
+    full = dec(x_t, z0, lam)  # 13 x 4 tokens: the band's queries in one block
+    with monkeypatch.context() as mp:  # the band's queries in blocks of W frames, as long clips run
+        mp.setattr(transformer, "BAND_QUERY_TOKENS", 1)
+        torch.testing.assert_close(dec(x_t, z0, lam), full, **TOL)
+    # control: the window changes the one-pass network (13 frames reach past every W tested)
+    unlimited = make_model(f"--decoder.attention={attention}").decoder
+    assert rel_err(unlimited(x_t, z0, lam), full) > 1e-3
+    for plan in ([1, 4, 4, 4], [5, 8], [9, 4], [1, 12]):
+        outs, cache = [], CausalCache()
+        with streaming(dec, cache):
+            for x_c, z_c in zip(S.split_time(x_t, plan), S.split_time(z0, S.latent_plan(plan))):
+                outs.append(dec(x_c, z_c, lam))
+        torch.testing.assert_close(torch.cat(outs, dim=2), full, **TOL)
+
+
+def conv_state_bytes(dec, x_t, z0, lam):
+    """What the causal convs keep per stream: kt - stride_t input frames of every conv with a temporal
+    kernel, from the input shapes a one-pass forward hands them (forward hooks), float32."""
+    total, hooks = [0], []
+
+    def record(m, args):
+        b, c, _, h, w = args[0].shape
+        total[0] += (m.conv.kernel_size[0] - m.conv.stride[0]) * b * c * h * w * 4
+
+    for m in dec.modules():
+        if isinstance(m, CausalConv3d) and m.conv.kernel_size[0] > 1:
+            hooks.append(m.register_forward_pre_hook(record))
+    try:
+        dec(x_t, z0, lam)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_windowed_decoder_state_stops_growing(attention, window):
+    m = make_model(f"--decoder.attention={attention}", f"--decoder.temporal_window={window}")
+    size = resolve_decoder(m.cfg.decoder)
+    tokens = (16 // (size.patch_size * 2 ** len(size.channels))) ** 2  # tokens per 16x16 frame
+    lam = torch.tensor([0.0])
+    conv = conv_state_bytes(m.decoder, video(1), latents(1), lam)
+    assert conv > 0
+    plan = [1, 4, 4, 4, 4]  # 17 frames
+    cache, sizes, seen = CausalCache(), [], 0
+    with streaming(m.decoder, cache):
+        for x_c, z_c in zip(S.split_time(video(17), plan), S.split_time(latents(5), S.latent_plan(plan))):
+            m.decoder(x_c, z_c, lam)
+            seen += x_c.shape[2]
+            # each middle block: a key and a value (width values each) per token of the last W - 1 frames
+            kept = min(seen, window - 1)
+            assert cache.nbytes() == conv + 2 * size.depth * kept * tokens * size.width * 4
+            sizes.append(cache.nbytes())
+    assert sizes[2:] == [sizes[2]] * 3  # from 9 frames on (>= W - 1 for every W here) the state is flat
+
+
+def test_tiled_windowed_decode_equals_one_pass(tmodel):
+    m = tiling_model("--decoder.temporal_window=2")
+    z0 = latents(3, 12, 10, seed=10)
+    full = S.decode_full(m, z0, steps=1, seed=4)
+    assert rel_err(S.decode_full(tmodel, z0, steps=1, seed=4), full) > 1e-3  # control: the window matters
+    assert_equal_at_fp32(S.decode(m, z0, 4, steps=1, seed=4, tiling=S.Tiling(24)), full)
 
 
 # ---- decoding (sampler) ---------------------------------------------------------------------------

@@ -64,13 +64,21 @@ _configured: str | None = None
 _logged: set[tuple[str, str, str]] = set()
 
 
-def block_causal_mask(num_frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
+def block_causal_mask(num_frames: int, tokens_per_frame: int, device=None, window: int | None = None) -> torch.Tensor:
     """(N, N) bool with N = num_frames * tokens_per_frame (frame-major token order): token i may
-    attend token j iff frame(j) <= frame(i). Broadcasts against (B, heads, N, N)."""
+    attend token j iff frame(j) <= frame(i), and with a `window` of W frames also
+    frame(i) - frame(j) < W (frames frame(i) - W + 1 .. frame(i): block-causal and banded).
+    Broadcasts against (B, heads, N, N)."""
     if num_frames < 1 or tokens_per_frame < 1:
         raise ValueError(f"num_frames and tokens_per_frame must be >= 1, got {num_frames}, {tokens_per_frame}")
     n = num_frames * tokens_per_frame
-    return causal_allowed(n, n, tokens_per_frame, device)
+    if window is None:
+        return causal_allowed(n, n, tokens_per_frame, device)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of frames or None, got {window!r}")
+    frame = torch.arange(n, device=device) // tokens_per_frame
+    lag = frame[:, None] - frame[None, :]  # query frame - key frame
+    return (lag >= 0) & (lag < window)
 
 
 def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:

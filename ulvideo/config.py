@@ -63,6 +63,9 @@ class DecoderConfig:
     loss: Literal["diffusion", "mse"] = "diffusion"  # "mse": the paper's Table-5 ablation
     mse_sigma: float = 0.1  # loss = c_lf * ||x - x_hat||^2 / (2 mse_sigma^2) nats, for loss = mse
     attention: Literal["full", "factorized"] = "full"  # middle transformer; always causal in time
+    # middle transformer: frame f attends (pixel) frames f - W + 1 .. f only; None = every earlier
+    # frame. Bounds streamed decoding's key/value cache to W - 1 frames (memory flat in clip length)
+    temporal_window: int | None = None
     # architecture overrides of the named size (None = the size's value)
     patch_size: int | None = None
     channels: list[int] | None = None

@@ -12,10 +12,15 @@ the causal state the earlier chunks left *at step i*, so the cache holds one slo
 (seed, purpose, step, frame) (`frame_noise`), so the streamed and the one-pass decode
 (`decode_full`) see the same numbers. Memory, chunk order:
   * conv state: `kt - stride` input frames per causal conv per slot, flat in T, x (steps + 1);
-  * middle transformer: its block-causal attention reaches every earlier frame, so each of its
-    `depth` blocks keeps their keys and values: (steps + 1) * 2 * depth * T * (H/m) * (W/m) * width
-    values (m = `decoder.mid_downsampling`). A chunk computes only its own tokens, attending to that
-    history, so only the attention's cost grows with T.
+  * middle transformer: each of its `depth` blocks keeps the keys and values of the earlier frames
+    its block-causal attention can reach: (steps + 1) * 2 * depth * F * (H/m) * (W/m) * width values
+    (m = `decoder.mid_downsampling`). Without a window (`decoder.temporal_window` None) that is
+    every frame seen, F = T: linear in the clip's length, as is the attention's cost per chunk.
+    With a window of W frames (frame f attends frames f - W + 1 .. f, in the one-pass network too)
+    F = min(T, W - 1): older frames are evicted, and state and cost per chunk are flat in T.
+    A chunk computes only its own tokens, attending to that history.
+With a window the whole chunk-order state is flat in T: per slot, the conv state (per tile when
+tiled) and W - 1 frames of keys and values per middle block.
 The "step" order swaps the loops (every chunk at step i, then step i + 1): one slot of state at a
 time, flat in `steps`, but the whole clip's x_t is held and nothing comes out before the end.
 
@@ -550,7 +555,8 @@ def stream_reconstruct(model, chunks: Iterable[torch.Tensor], steps: int = 32, s
                        latent_noise: str = "sample", tiling: Tiling | None = None,
                        encode_tiling: Tiling | None = None) -> Iterator[torch.Tensor]:
     """Pixel chunks -> reconstructed pixel chunks, encoder and decoder both streaming: memory flat in T
-    apart from the decoder's middle-transformer key/value history (see the module docstring). Equals
+    apart from the decoder's middle-transformer key/value history, which is flat too with a
+    `decoder.temporal_window` (see the module docstring). Equals
     `decode_full(model, noisy_latent(model, model.encode(clip), seed), steps, sampler, seed)`."""
 
     def latents():

@@ -8,6 +8,10 @@ resolution, and the mirrored conv stages with skip connections. Time is never do
 conv stages mix frames with causal 3x3x3 convs and the transformer attends across frames
 block-causally, so output frame f depends on x_t frames <= f and latent frames <= ceil(f / 4) only:
 `decoder(x_t, z0, l)[:, :, :1+4j] == decoder(x_t[:, :, :1+4j], z0[:, :, :1+j], l)`.
+`decoder.temporal_window` W (None = unlimited) narrows the transformer's attention in time to a
+band: a token of frame f attends frames f - W + 1 .. f only (pixel frames: time is never
+downsampled here), in the one-pass forward and in streaming alike. (The convs still reach further
+back, causally, through the stack; the band bounds what the middle must remember.)
 
 Conditioning: logSNR through adaptive per-frame GroupNorm in the residual blocks and adaLN in the
 transformer. z0 is aligned in time (latent frame 0 once, each later frame repeated 4 times), put
@@ -17,12 +21,14 @@ zero (see `LatentInjection`); the encoder's output starts at RMS ~1 (DESIGN.md "
 
 Streaming (`ulvideo.streaming`): under `layers.streaming(decoder, cache)` a first call takes
 T = 1 + 4(T' - 1) frames and every later call T = 4 T' frames that continue the clip (their latent
-frames then each cover 4 pixel frames). The conv stages carry their last input frames in the cache;
-each block of the middle transformer keeps the keys and values of all earlier frames (they enter
-its block-causal attention) and attends from the current frames' queries to them, so a call
-computes only its own tokens. That key/value history grows with the number of frames:
-2 * depth * T * (H / m) * (W / m) * width values per slot, m = `mid_downsampling` (16 at sizes S
-to L); the decoder itself only counts the frames seen (the time offset of the position embedding).
+frames then each cover 4 pixel frames). The conv stages carry their last input frames in the cache
+(`kt - 1` frames per causal conv: flat in T); each block of the middle transformer keeps the keys
+and values of the earlier frames its attention can still reach and attends from the current
+frames' queries to them, so a call computes only its own tokens. That key/value history is
+2 * depth * F * (H / m) * (W / m) * width values per slot, m = `mid_downsampling` (16 at sizes S
+to L), with F = T, the frames seen, without a window (it grows with the clip), and
+F = min(T, W - 1) with `temporal_window` W (older frames are evicted: flat once T >= W - 1).
+The decoder itself only counts the frames seen (the time offset of the position embedding).
 
 Tiling (`ulvideo.streaming`): `forward` is `up(middle(down(...)), ...)`, and the three parts can be
 called on their own so that the conv stages run tile by tile while the middle transformer runs
@@ -38,7 +44,7 @@ from torch import nn
 from ulvideo.nets.layers import (CausalCache, CausalConv3d, FrameGroupNorm, LogSNREmbedding, ResBlock, batch_logsnr,
                                  check_power_of_two, expand_latent_time, patchify, sincos_3d, unpatchify)
 from ulvideo.nets.sizes import resolve_decoder
-from ulvideo.nets.transformer import TransformerBlock
+from ulvideo.nets.transformer import TransformerBlock, check_temporal_window
 
 
 class LatentInjection(nn.Module):
@@ -98,6 +104,10 @@ class Decoder(nn.Module):
         ch, n_stages = size.channels, len(size.channels)
         emb_dim = 4 * ch[0]  # ADM's embedding width
         factorized = getattr(cfg, "attention", "full") == "factorized"
+        try:  # frames of the middle transformer = pixel frames; None = every earlier frame
+            self.temporal_window = window = check_temporal_window(getattr(cfg, "temporal_window", None))
+        except ValueError as e:
+            raise ValueError(f"decoder.{e}") from None
         self.logsnr_emb = LogSNREmbedding(emb_dim)
         self.conv_in = CausalConv3d(3 * p * p, ch[0], 3)
 
@@ -120,7 +130,7 @@ class Decoder(nn.Module):
         self.mid_in = nn.Linear(ch[-1], size.width)
         self.mid_idx = list(range(len(blocks), len(blocks) + size.depth))
         blocks += [TransformerBlock(size.width, emb_dim, size.head_dim, factorized=factorized, temporal_causal=True,
-                                    dropout=size.dropout) for _ in range(size.depth)]
+                                    temporal_window=window, dropout=size.dropout) for _ in range(size.depth)]
         self.mid_out = nn.Sequential(nn.LayerNorm(size.width, eps=1e-6), nn.Linear(size.width, ch[-1]))
         for s in reversed(range(n_stages)):
             n = max(1, size.num_res_blocks)

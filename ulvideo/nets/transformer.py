@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ulvideo.attention import attention, key_padding_mask
+from ulvideo.attention import attention, block_causal_mask, key_padding_mask
 from ulvideo.config import BaseConfig
 from ulvideo.nets.layers import CausalCache, LogSNREmbedding, batch_logsnr, sincos_3d
 from ulvideo.nets.sizes import resolve_transformer
@@ -85,13 +85,52 @@ class CrossAttention(nn.Module):
         return self.dropout(self.proj(o.transpose(1, 2).reshape(B, N, D)))
 
 
-def frame_causal_mask(queries: int, keys: int, frame_tokens: int, device=None) -> torch.Tensor:
+def frame_causal_mask(queries: int, keys: int, frame_tokens: int, device=None,
+                      window: int | None = None) -> torch.Tensor:
     """(queries, keys) bool for queries that are the last `queries` tokens of the keys' sequence
-    (frame-major, `frame_tokens` tokens a frame): True iff frame(key) <= frame(query), i.e. every
-    earlier frame and the query's own. With queries == keys it is `attention.block_causal_mask`."""
+    (frame-major, `frame_tokens` tokens a frame, the keys starting at a frame boundary): True iff
+    frame(key) <= frame(query), i.e. every earlier frame and the query's own, and with a `window`
+    of W frames also frame(query) - frame(key) < W. With queries == keys it is
+    `attention.block_causal_mask(..., window=window)`; otherwise its last `queries` rows, restricted
+    to the last `keys` columns (only the frames' distance matters, not where the keys start)."""
     q_frame = (torch.arange(queries, device=device) + keys - queries) // frame_tokens
     k_frame = torch.arange(keys, device=device) // frame_tokens
-    return k_frame[None, :] <= q_frame[:, None]
+    lag = q_frame[:, None] - k_frame[None, :]
+    return (lag >= 0) if window is None else (lag >= 0) & (lag < window)
+
+
+# Banded attention runs its queries in blocks of at least this many tokens (and at least a window
+# of frames): few calls for short clips, and for long ones a mask and a score block per call that
+# do not grow with the clip.
+BAND_QUERY_TOKENS = 1024
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int, window: int,
+                     query_frames: int | None = None) -> torch.Tensor:
+    """Self-attention over frames (runs of `frame_tokens` tokens), q, k, v (B, nh, N, hd), under
+    `attention.block_causal_mask(N // frame_tokens, frame_tokens, window=window)`: frame f attends
+    frames f - W + 1 .. f. The queries go in blocks of `query_frames` frames (default: enough for
+    `BAND_QUERY_TOKENS` tokens, at least W), each against the keys of its frames and the W - 1
+    before them (the tail of that mask, `frame_causal_mask`): memory and compute linear in N."""
+    frames = q.shape[2] // frame_tokens
+    if query_frames is None:
+        query_frames = max(window, -(-BAND_QUERY_TOKENS // frame_tokens))
+    if query_frames >= frames:
+        return attention(q, k, v, mask=block_causal_mask(frames, frame_tokens, q.device, window=window))
+    outs = []
+    for a in range(0, frames, query_frames):
+        b, k0 = min(frames, a + query_frames), max(0, a - window + 1)
+        keys = slice(k0 * frame_tokens, b * frame_tokens)
+        mask = frame_causal_mask((b - a) * frame_tokens, (b - k0) * frame_tokens, frame_tokens, q.device, window)
+        outs.append(attention(q[:, :, a * frame_tokens:b * frame_tokens], k[:, :, keys], v[:, :, keys], mask=mask))
+    return torch.cat(outs, dim=2)
+
+
+def check_temporal_window(window) -> int | None:
+    """`window` if it is None or a positive int (frames), else a clear error."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"temporal_window = {window!r}: must be a positive number of frames, or None (unlimited)")
+    return window
 
 
 class TransformerBlock(nn.Module):
@@ -100,21 +139,29 @@ class TransformerBlock(nn.Module):
     `factorized=False`: one attention over all tokens, block-causal in time when `temporal_causal`
     (frame i attends frames <= i). `factorized=True`: attention within each frame, then across
     frames at the same spatial position (causal when `temporal_causal`). Optional cross-attention
-    to text, then an MLP.
+    to text, then an MLP. `temporal_window` W (temporal_causal blocks only; None = unlimited)
+    narrows the time-mixing attention to a band: frame i attends frames i - W + 1 .. i only
+    (`attention.block_causal_mask(..., window=W)`; within a frame nothing changes).
 
     Streaming in time (`layers.streaming`, temporal_causal blocks only): each call carries the next
     frames of a clip. The block appends the keys and values of its time-mixing attention (the one
-    attention when full, the temporal one when factorized) to its cache entry, (2, B', nh, N, hd)
-    with N growing by the call's tokens, and attends from the call's queries to all of them under
-    the block-causal mask: each chunk computes only its own tokens, and the result equals one pass.
+    attention when full, the temporal one when factorized) to its cache entry, (2, B', nh, N, hd),
+    and attends from the call's queries to all of them under the block-causal (banded) mask: each
+    chunk computes only its own tokens, and the result equals one pass. Without a window N grows
+    by the call's tokens; with a window the entry keeps only the last W - 1 frames (no later query
+    can reach an older one), so it stops growing after W - 1 frames.
     """
 
     stream: CausalCache | None = None  # set by layers.streaming; keys and values of earlier frames
 
     def __init__(self, dim: int, cond_dim: int, head_dim: int = 64, *, factorized: bool = False,
-                 temporal_causal: bool = False, context_dim: int = 0, mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 temporal_causal: bool = False, temporal_window: int | None = None, context_dim: int = 0,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
         self.factorized, self.temporal_causal = factorized, temporal_causal
+        self.temporal_window = check_temporal_window(temporal_window)
+        if temporal_window is not None and not temporal_causal:
+            raise ValueError("a temporal_window needs temporal_causal attention")
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, head_dim, dropout)
         if factorized:
@@ -159,10 +206,16 @@ class TransformerBlock(nn.Module):
         return x + mods[5] * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
 
     def _over_time(self, attn: SelfAttention, h: torch.Tensor, frame_tokens: int) -> torch.Tensor:
-        """attn(h) across frames (runs of `frame_tokens` tokens), causal when `temporal_causal`;
-        under streaming also over the cached keys and values of earlier frames."""
+        """attn(h) across frames (runs of `frame_tokens` tokens), causal when `temporal_causal` and
+        banded by `temporal_window`; under streaming also over the cached keys and values of the
+        earlier frames still in reach."""
+        window = self.temporal_window
         if self.stream is None:
-            return attn(h, causal=self.temporal_causal, causal_block=frame_tokens)
+            frames = h.shape[1] // frame_tokens
+            if window is None or window >= frames:  # the band excludes nothing
+                return attn(h, causal=self.temporal_causal, causal_block=frame_tokens)
+            q, k, v = attn.project(h)
+            return attn.output(banded_attention(q, k, v, frame_tokens, window))
         if not self.temporal_causal:
             raise RuntimeError("streaming in time needs temporal_causal attention")
         q, k, v = attn.project(h)
@@ -170,8 +223,13 @@ class TransformerBlock(nn.Module):
         past = self.stream.get(self)
         if past is not None:
             kv = torch.cat([past, kv], dim=3)
-        self.stream.put(self, kv)
-        mask = frame_causal_mask(q.shape[2], kv.shape[3], frame_tokens, q.device)
+        keep = kv
+        if window is not None and kv.shape[3] > (window - 1) * frame_tokens:
+            # later frames reach back W - 1 frames at most: evict the older ones (a copy, so that
+            # the evicted part is freed with this call's kv)
+            keep = kv[:, :, :, kv.shape[3] - (window - 1) * frame_tokens:].clone()
+        self.stream.put(self, keep)
+        mask = frame_causal_mask(q.shape[2], kv.shape[3], frame_tokens, q.device, window)
         return attn.output(attention(q, kv[0], kv[1], mask=mask))
 
 
