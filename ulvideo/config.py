@@ -360,6 +360,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ul.prior_logsnr_min must be below ul.latent_logsnr")
     if not cfg.decoder.logsnr_min < cfg.decoder.logsnr_max:
         raise ConfigError("decoder.logsnr_min must be below decoder.logsnr_max")
+    w = cfg.decoder.temporal_window
+    if w is not None and (isinstance(w, bool) or w < 1):
+        raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")
+    if cfg.ul.startup_recon_weight < 0:
+        raise ConfigError(f"ul.startup_recon_weight = {cfg.ul.startup_recon_weight} must be >= 0")
     if not 0.0 <= d.image_ratio <= 1.0:
         raise ConfigError(f"data.image_ratio = {d.image_ratio} must lie in [0, 1]")
 
