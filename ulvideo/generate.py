@@ -162,6 +162,13 @@ def _read_input(path: str, num_frames: int | None, cfg: Config) -> torch.Tensor:
     return to_float(resize_crop(frames, d.height, d.width, d.resolution, None, None, False))[None]
 
 
+def _tiling(args):
+    """`--tile P` as a streaming.Tiling (None without it)."""
+    from ulvideo import streaming
+
+    return streaming.Tiling(args.tile) if args.tile else None
+
+
 def main_encode(args) -> int:
     try:
         model = load_stage1(args.export)
@@ -179,8 +186,7 @@ def main_encode(args) -> int:
         if args.chunk or args.tile:
             from ulvideo import streaming
 
-            tiling = streaming.Tiling(args.tile) if args.tile else None
-            z = streaming.encode(model, x, args.chunk, tiling=tiling)[0]
+            z = streaming.encode(model, x, args.chunk, tiling=_tiling(args))[0]
         else:
             z = model.encode(x)[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -209,11 +215,10 @@ def main_decode(args) -> int:
         # per-frame noise streams: chunked, tiled and one-pass decoding draw the same sample
         from ulvideo import streaming
 
-        tiling = streaming.Tiling(args.tile) if args.tile else None
         with torch.no_grad():
             z0 = streaming.noisy_latent(model, z, seed=args.seed, mode=args.latent_noise)
             clip = streaming.decode(model, z0, args.chunk, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                    tiling=tiling)
+                                    tiling=_tiling(args))
     else:
         g = torch.Generator().manual_seed(args.seed)
         z0 = model.noisy_latent(z, g, args.latent_noise)

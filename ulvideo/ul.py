@@ -159,9 +159,12 @@ class UnifiedLatents(nn.Module):
         lam = torch.full((x.shape[0],), self.cfg.decoder.logsnr_min, device=x.device)
         a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x_t = (a * x.float() + s * eps).to(x.dtype)
-        x_hat = D.predict_x_eps(self.decoder(x_t, z0, lam), x_t, lam, self.cfg.decoder.prediction)[0]
-        return _sum(x.float() - x_hat)
+        return _sum(x.float() - self._x_at_lowest_logsnr((a * x.float() + s * eps).to(x.dtype), z0))
+
+    def _x_at_lowest_logsnr(self, x_t: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """The decoder's x-prediction from x_t at its lowest logSNR (where only z0 informs it)."""
+        lam = torch.full((x_t.shape[0],), self.cfg.decoder.logsnr_min, device=x_t.device)
+        return D.predict_x_eps(self.decoder(x_t, z0, lam), x_t, lam, self.cfg.decoder.prediction)[0]
 
     def decoder_loss(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None,
                      t: torch.Tensor | None = None, eps: torch.Tensor | None = None):
@@ -176,12 +179,11 @@ class UnifiedLatents(nn.Module):
     def _mse_decode(self, z0: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """The MSE baseline's deterministic decoder: the network's x-prediction from an all-zero
         input at the lowest logSNR (the same network, used as a plain conditional regressor)."""
-        e, d = self.cfg.encoder, self.cfg.decoder
+        e = self.cfg.encoder
         b, _, tl, hl, wl = z0.shape
         t = num_frames or 1 + e.temporal_downsample * (tl - 1)
         zeros = torch.zeros(b, 3, t, hl * e.spatial_downsample, wl * e.spatial_downsample, device=z0.device, dtype=z0.dtype)
-        lam = torch.full((b,), d.logsnr_min, device=z0.device)
-        return D.predict_x_eps(self.decoder(zeros, z0, lam), zeros, lam, d.prediction)[0]
+        return self._x_at_lowest_logsnr(zeros, z0)
 
     @torch.no_grad()
     def decoder_gain(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
