@@ -1,12 +1,15 @@
 """Unified Latents' claims at toy scale: loss-factor sweep, KL-VAE baseline, MSE decoder, lambda_0 = 10,
 decoder sampling steps, and (with --tightness) stage-1 prior bits vs a stage-2 base model's ELBO.
 
-    python benchmarks/ul_sweeps.py            # <= 60 min on a 2-core CPU
-    python benchmarks/ul_sweeps.py --quick    # fewer steps and runs
+    python benchmarks/ul_sweeps.py --tightness   # about 60 min on a 2-core CPU
+    python benchmarks/ul_sweeps.py --quick       # fewer steps and runs
+    python benchmarks/ul_sweeps.py --frames 9    # on 9-frame clips (about 5x the time per step)
 
 Every run trains configs/ul/tiny.yaml (with overrides; the EMA decay is 1 - 10/steps, so the exported
-average forgets the initial weights) for the same number of steps on the built-in
-shapes data, then is measured on the held-out clips the same way: rate in bits per pixel (the
+average forgets the initial weights) for the same number of steps on the built-in shapes data, by
+default on 1-frame clips (the causal encoder's image path, the setting of the paper's Table 5), with
+the same start-up schedule (rate held for 3/8 of the steps with the start-up term on, then a ramp
+over 1/4 of them), then is measured on the held-out clips the same way: rate in bits per pixel (the
 diffusion prior's ELBO on the noisy latent, K = 32 stratified logSNRs per clip; for the KL-VAE also its
 own KL), PSNR of DDPM reconstructions, and the decoder gain (bits the decoder saves with the right
 latent; ~0 = collapsed). Results: benchmarks/results/ul_sweeps.json and PNG plots beside it.
@@ -27,12 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def train(name: str, steps: int, overrides: list[str], data: str, runs: Path) -> Path:
+def train(name: str, steps: int, overrides: list[str], data: str, runs: Path, frames: int) -> Path:
     run = runs / name
     meta = run / "exports" / "latest.json"
     if not (meta.is_file() and json.loads(meta.read_text())["meta"]["step"] >= steps):
         subprocess.run([sys.executable, "-m", "ulvideo", "train", "configs/ul/tiny.yaml", "--run-dir", str(run),
-                        f"--data.path={data}", f"--train.steps={steps}", "--train.recon_every=0",
+                        f"--data.path={data}", f"--data.num_frames={frames}", f"--train.steps={steps}", "--train.recon_every=0",
                         f"--train.ckpt_every={steps}", f"--train.ema_decay={1 - 10 / steps:.4f}", *overrides],
                        cwd=ROOT, check=True)
     return run / "exports" / "latest.safetensors"
@@ -117,27 +120,38 @@ def main() -> None:
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--runs", default="runs/sweeps")
     p.add_argument("--clips", type=int, default=32)
-    p.add_argument("--tightness", action="store_true", help="also train a base model (about 10 more minutes)")
+    p.add_argument("--frames", type=int, default=1, help="frames per clip (1 + 4k)")
+    p.add_argument("--reference-loss-factor", type=float, default=3.0,
+                   help="c_lf of the run used for the decoder-steps sweep, the lambda_0 = 10 ablation and the tightness "
+                        "check (default: configs/ul/tiny.yaml's)")
+    p.add_argument("--loss-factors", default=None,
+                   help="comma-separated c_lf values (default 1,1.3,1.5,2.1,3; quick: 1,1.5,3); runs already trained are reused")
+    p.add_argument("--tightness", action="store_true", help="also train a base model (a few more minutes)")
     args = p.parse_args()
-    steps = args.steps or (300 if args.quick else 600)
-    hold = [f"--ul.rate_hold_steps={steps // 6}", f"--ul.rate_ramp_steps={steps // 4}"]
-    runs = ROOT / args.runs
+    steps = args.steps or (400 if args.quick else 800)
+    hold = [f"--ul.rate_hold_steps={3 * steps // 8}", f"--ul.rate_ramp_steps={steps // 4}"]
+    runs = ROOT / args.runs / f"frames{args.frames}"
     data = ROOT / args.data
     if not (data / "manifest.jsonl").is_file():
         subprocess.run([sys.executable, "-m", "ulvideo", "data", "synth", "--out", str(data), "--num", "512", "--frames", "9",
                         "--size", "32"], cwd=ROOT, check=True)
     t0 = time.time()
     factors = (1.0, 1.5, 3.0) if args.quick else (1.0, 1.3, 1.5, 2.1, 3.0)
+    if args.loss_factors:
+        factors = tuple(float(v) for v in args.loss_factors.split(","))
+    ref = args.reference_loss_factor
+    if ref not in factors:
+        raise SystemExit(f"--loss-factors must include the reference loss factor {ref}")
     betas = (1e-3, 1e-2) if args.quick else (1e-4, 1e-3, 1e-2)
-    res: dict = {"what": "ul_sweeps", "steps": steps, "config": "configs/ul/tiny.yaml", "rate_hold": hold,
+    res: dict = {"what": "ul_sweeps", "reference_loss_factor": ref, "steps": steps, "frames": args.frames, "config": "configs/ul/tiny.yaml", "rate_hold": hold,
                  "latent_logsnr": 5.0, "prior_logsnr_min": -10.0, "sigmoid_bias": 2.0, "rate_logsnr_samples": 32,
                  "decoder_sampler": "ddpm", "decoder_steps_for_psnr": 32}
     res["loss_factor_sweep"] = []
     for c in factors:
-        export = train(f"lf_{c}", steps, [f"--ul.loss_factor={c}", *hold], args.data, runs)
-        extra = (1, 2, 4, 8, 16, 32, 50) if c == 1.5 else (32,)
+        export = train(f"lf_{c}", steps, [f"--ul.loss_factor={c}", *hold], args.data, runs, args.frames)
+        extra = (1, 2, 4, 8, 16, 32, 50) if c == ref else (32,)
         row = {"loss_factor": c, **measure(export, args.clips, extra)}
-        if c == 1.5:
+        if c == ref:
             res["decoder_steps"] = {str(s): row.pop(f"psnr_{s}") for s in extra if s != 32}
             res["decoder_steps"]["32"] = row["psnr"]
             res["decoder_steps"] = dict(sorted(res["decoder_steps"].items(), key=lambda kv: int(kv[0])))
@@ -145,36 +159,38 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     res["vae_beta_sweep"] = []
     for beta in betas:
-        export = train(f"vae_{beta}", steps, ["--ul.regularizer=kl_vae", f"--ul.kl_weight={beta}", "--ul.loss_factor=1.5"], args.data, runs)
+        export = train(f"vae_{beta}", steps, ["--ul.regularizer=kl_vae", f"--ul.kl_weight={beta}", "--ul.loss_factor=1.5", *hold], args.data, runs, args.frames)
         row = {"kl_weight": beta, **measure(export, args.clips)}
         res["vae_beta_sweep"].append(row)
         print(json.dumps(row), flush=True)
     if not args.quick:
-        export = train("mse_decoder", steps, ["--decoder.loss=mse", "--ul.loss_factor=1.5", *hold], args.data, runs)
+        export = train("mse_decoder", steps, ["--decoder.loss=mse", "--ul.loss_factor=1.5", *hold], args.data, runs, args.frames)
         res["mse_decoder"] = {"loss_factor": 1.5, "mse_sigma": 0.1, **measure(export, args.clips)}
-    export = train("logsnr0_10", steps, ["--ul.latent_logsnr=10.0", "--ul.loss_factor=1.5", *hold], args.data, runs)
-    res["latent_logsnr_10"] = {"loss_factor": 1.5, **measure(export, args.clips)}
+    export = train(f"logsnr0_10_lf{ref}", steps, ["--ul.latent_logsnr=10.0", f"--ul.loss_factor={ref}", *hold], args.data, runs,
+                   args.frames)
+    res["latent_logsnr_10"] = {"loss_factor": ref, **measure(export, args.clips)}
     if args.tightness:
-        res["tightness"] = tightness(runs, runs / "lf_1.5" / "exports" / "latest.safetensors", args.data, steps * 2)
+        res["tightness"] = tightness(runs, runs / f"lf_{ref}" / "exports" / "latest.safetensors", args.data, steps * 2, args.frames)
     res["seconds"] = round(time.time() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "ul_sweeps_quick" if args.quick else "ul_sweeps"
+    name = ("ul_sweeps_quick" if args.quick else "ul_sweeps") + (f"_frames{args.frames}" if args.frames != 1 else "")
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(res, RESULTS / f"{name}.png")
     print(json.dumps({k: v for k, v in res.items() if k in ("seconds", "steps")}))
 
 
-def tightness(runs: Path, export: Path, data: str, steps: int) -> dict:
+def tightness(runs: Path, export: Path, data: str, steps: int, frames: int) -> dict:
     """Stage-1 prior bits vs an unconditional-evaluated base model's ELBO on the same held-out latents."""
     from ulvideo.data import build_loader
     from ulvideo.generate import load_pipeline, tightness_report
 
-    shards = runs / "tight_latents"
+    tag = export.parent.parent.name  # the stage-1 run: a new one gets its own latents and base model
+    shards = runs / f"tight_latents_{tag}"
     subprocess.run([sys.executable, "-m", "ulvideo", "encode", "--export", str(export), "--data", data, "--out", str(shards)],
                    cwd=ROOT, check=True)
-    base = runs / "tight_base"
+    base = runs / f"tight_base_{tag}"
     subprocess.run([sys.executable, "-m", "ulvideo", "train", "configs/base/tiny.yaml", "--run-dir", str(base),
-                    f"--base.stage1_export={export}", f"--data.path={shards}", f"--train.steps={steps}",
+                    f"--base.stage1_export={export}", f"--data.path={shards}", f"--data.num_frames={frames}", f"--train.steps={steps}",
                     "--train.recon_every=0"], cwd=ROOT, check=True)
     pipe = load_pipeline(export, base / "exports" / "latest.safetensors")
     batch = next(iter(build_loader(pipe.base_cfg.data, micro_batch_size=32, seed=0, split="heldout")))
