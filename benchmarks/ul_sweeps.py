@@ -130,7 +130,7 @@ def main() -> None:
     args = p.parse_args()
     steps = args.steps or (400 if args.quick else 800)
     hold = [f"--ul.rate_hold_steps={3 * steps // 8}", f"--ul.rate_ramp_steps={steps // 4}"]
-    runs = ROOT / args.runs / f"frames{args.frames}"
+    runs = ROOT / args.runs / f"frames{args.frames}_steps{steps}"  # a run is reused only by the same setting
     data = ROOT / args.data
     if not (data / "manifest.jsonl").is_file():
         subprocess.run([sys.executable, "-m", "ulvideo", "data", "synth", "--out", str(data), "--num", "512", "--frames", "9",
