@@ -12,12 +12,11 @@ from torch import nn
 
 from ulvideo import diffusion as D
 from ulvideo import streaming as S
-from ulvideo.attention import block_causal_mask
+from ulvideo.attention import block_causal_mask, frame_causal_mask
 from ulvideo.config import load_config
 from ulvideo.nets.layers import CausalCache, CausalConv3d, FrameGroupNorm, FrameStatistics, shared_statistics, streaming
 from ulvideo.nets.sizes import resolve_decoder
 from ulvideo.nets import transformer
-from ulvideo.nets.transformer import frame_causal_mask
 from ulvideo.ul import UnifiedLatents
 
 TOL = dict(atol=2e-5, rtol=1e-5)

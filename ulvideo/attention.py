@@ -36,7 +36,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ulvideo.kernels.reference import causal_allowed, dense_mask, naive_attention
+from ulvideo.kernels.reference import dense_mask, naive_attention
 
 __all__ = [
     "BACKENDS",
@@ -44,6 +44,8 @@ __all__ = [
     "attention",
     "available_backends",
     "block_causal_mask",
+    "check_window",
+    "frame_causal_mask",
     "get_backend",
     "key_padding_mask",
     "resolve_backend",
@@ -64,6 +66,27 @@ _configured: str | None = None
 _logged: set[tuple[str, str, str]] = set()
 
 
+def check_window(window, name: str = "window") -> int | None:
+    """`window` (frames) if it is None (unlimited) or a positive int, else a ValueError naming `name`."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{name} = {window!r}: must be a positive number of frames, or None (unlimited)")
+    return window
+
+
+def frame_causal_mask(queries: int, keys: int, frame_tokens: int, device=None,
+                      window: int | None = None) -> torch.Tensor:
+    """(queries, keys) bool for queries that are the last `queries` tokens of the keys' sequence
+    (frame-major, `frame_tokens` tokens a frame, the keys starting at a frame boundary): True iff
+    frame(key) <= frame(query), i.e. every earlier frame and the query's own, and with a `window`
+    of W frames also frame(query) - frame(key) < W. With queries == keys it is `block_causal_mask`;
+    otherwise its last `queries` rows, restricted to the last `keys` columns (only the frames'
+    distance matters, not where the keys start): the mask of streamed and query-blocked attention."""
+    q_frame = (torch.arange(queries, device=device) + keys - queries) // frame_tokens
+    k_frame = torch.arange(keys, device=device) // frame_tokens
+    lag = q_frame[:, None] - k_frame[None, :]
+    return (lag >= 0) if window is None else (lag >= 0) & (lag < window)
+
+
 def block_causal_mask(num_frames: int, tokens_per_frame: int, device=None, window: int | None = None) -> torch.Tensor:
     """(N, N) bool with N = num_frames * tokens_per_frame (frame-major token order): token i may
     attend token j iff frame(j) <= frame(i), and with a `window` of W frames also
@@ -72,13 +95,7 @@ def block_causal_mask(num_frames: int, tokens_per_frame: int, device=None, windo
     if num_frames < 1 or tokens_per_frame < 1:
         raise ValueError(f"num_frames and tokens_per_frame must be >= 1, got {num_frames}, {tokens_per_frame}")
     n = num_frames * tokens_per_frame
-    if window is None:
-        return causal_allowed(n, n, tokens_per_frame, device)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive number of frames or None, got {window!r}")
-    frame = torch.arange(n, device=device) // tokens_per_frame
-    lag = frame[:, None] - frame[None, :]  # query frame - key frame
-    return (lag >= 0) & (lag < window)
+    return frame_causal_mask(n, n, tokens_per_frame, device, check_window(window))
 
 
 def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:

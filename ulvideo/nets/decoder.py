@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ulvideo.attention import check_window
 from ulvideo.nets.layers import (CausalCache, CausalConv3d, FrameGroupNorm, LogSNREmbedding, ResBlock, batch_logsnr,
                                  check_power_of_two, expand_latent_time, patchify, sincos_3d, unpatchify)
 from ulvideo.nets.sizes import resolve_decoder
-from ulvideo.nets.transformer import TransformerBlock, check_temporal_window
+from ulvideo.nets.transformer import TransformerBlock
 
 
 class LatentInjection(nn.Module):
@@ -104,10 +105,8 @@ class Decoder(nn.Module):
         ch, n_stages = size.channels, len(size.channels)
         emb_dim = 4 * ch[0]  # ADM's embedding width
         factorized = getattr(cfg, "attention", "full") == "factorized"
-        try:  # frames of the middle transformer = pixel frames; None = every earlier frame
-            self.temporal_window = window = check_temporal_window(getattr(cfg, "temporal_window", None))
-        except ValueError as e:
-            raise ValueError(f"decoder.{e}") from None
+        # frames of the middle transformer = pixel frames; None = every earlier frame
+        self.temporal_window = window = check_window(getattr(cfg, "temporal_window", None), "decoder.temporal_window")
         self.logsnr_emb = LogSNREmbedding(emb_dim)
         self.conv_in = CausalConv3d(3 * p * p, ch[0], 3)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ulvideo.attention import attention, block_causal_mask, key_padding_mask
+from ulvideo.attention import attention, block_causal_mask, check_window, frame_causal_mask, key_padding_mask
 from ulvideo.config import BaseConfig
 from ulvideo.nets.layers import CausalCache, LogSNREmbedding, batch_logsnr, sincos_3d
 from ulvideo.nets.sizes import resolve_transformer
@@ -85,20 +85,6 @@ class CrossAttention(nn.Module):
         return self.dropout(self.proj(o.transpose(1, 2).reshape(B, N, D)))
 
 
-def frame_causal_mask(queries: int, keys: int, frame_tokens: int, device=None,
-                      window: int | None = None) -> torch.Tensor:
-    """(queries, keys) bool for queries that are the last `queries` tokens of the keys' sequence
-    (frame-major, `frame_tokens` tokens a frame, the keys starting at a frame boundary): True iff
-    frame(key) <= frame(query), i.e. every earlier frame and the query's own, and with a `window`
-    of W frames also frame(query) - frame(key) < W. With queries == keys it is
-    `attention.block_causal_mask(..., window=window)`; otherwise its last `queries` rows, restricted
-    to the last `keys` columns (only the frames' distance matters, not where the keys start)."""
-    q_frame = (torch.arange(queries, device=device) + keys - queries) // frame_tokens
-    k_frame = torch.arange(keys, device=device) // frame_tokens
-    lag = q_frame[:, None] - k_frame[None, :]
-    return (lag >= 0) if window is None else (lag >= 0) & (lag < window)
-
-
 # Banded attention runs its queries in blocks of at least this many tokens (and at least a window
 # of frames): few calls for short clips, and for long ones a mask and a score block per call that
 # do not grow with the clip.
@@ -124,13 +110,6 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_to
         mask = frame_causal_mask((b - a) * frame_tokens, (b - k0) * frame_tokens, frame_tokens, q.device, window)
         outs.append(attention(q[:, :, a * frame_tokens:b * frame_tokens], k[:, :, keys], v[:, :, keys], mask=mask))
     return torch.cat(outs, dim=2)
-
-
-def check_temporal_window(window) -> int | None:
-    """`window` if it is None or a positive int (frames), else a clear error."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"temporal_window = {window!r}: must be a positive number of frames, or None (unlimited)")
-    return window
 
 
 class TransformerBlock(nn.Module):
@@ -159,7 +138,7 @@ class TransformerBlock(nn.Module):
                  mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
         self.factorized, self.temporal_causal = factorized, temporal_causal
-        self.temporal_window = check_temporal_window(temporal_window)
+        self.temporal_window = check_window(temporal_window, "temporal_window")
         if temporal_window is not None and not temporal_causal:
             raise ValueError("a temporal_window needs temporal_causal attention")
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
