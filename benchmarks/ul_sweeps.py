@@ -17,6 +17,7 @@ latent; ~0 = collapsed). Results: benchmarks/results/ul_sweeps.json and PNG plot
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -28,13 +29,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+CONFIG = "configs/ul/tiny.yaml"
 
 
 def train(name: str, steps: int, overrides: list[str], data: str, runs: Path, frames: int) -> Path:
     run = runs / name
     meta = run / "exports" / "latest.json"
     if not (meta.is_file() and json.loads(meta.read_text())["meta"]["step"] >= steps):
-        subprocess.run([sys.executable, "-m", "ulvideo", "train", "configs/ul/tiny.yaml", "--run-dir", str(run),
+        subprocess.run([sys.executable, "-m", "ulvideo", "train", CONFIG, "--run-dir", str(run),
                         f"--data.path={data}", f"--data.num_frames={frames}", f"--train.steps={steps}", "--train.recon_every=0",
                         f"--train.ckpt_every={steps}", f"--train.ema_decay={1 - 10 / steps:.4f}", *overrides],
                        cwd=ROOT, check=True)
@@ -121,7 +123,7 @@ def main() -> None:
     p.add_argument("--runs", default="runs/sweeps")
     p.add_argument("--clips", type=int, default=32)
     p.add_argument("--frames", type=int, default=1, help="frames per clip (1 + 4k)")
-    p.add_argument("--reference-loss-factor", type=float, default=3.0,
+    p.add_argument("--reference-loss-factor", type=float, default=None,
                    help="c_lf of the run used for the decoder-steps sweep, the lambda_0 = 10 ablation and the tightness "
                         "check (default: configs/ul/tiny.yaml's)")
     p.add_argument("--loss-factors", default=None,
@@ -139,12 +141,16 @@ def main() -> None:
     factors = (1.0, 1.5, 3.0) if args.quick else (1.0, 1.3, 1.5, 2.1, 3.0)
     if args.loss_factors:
         factors = tuple(float(v) for v in args.loss_factors.split(","))
-    ref = args.reference_loss_factor
+    from ulvideo.config import load_config
+
+    cfg = load_config(ROOT / CONFIG)
+    ref = cfg.ul.loss_factor if args.reference_loss_factor is None else args.reference_loss_factor
     if ref not in factors:
         raise SystemExit(f"--loss-factors must include the reference loss factor {ref}")
     betas = (1e-3, 1e-2) if args.quick else (1e-4, 1e-3, 1e-2)
-    res: dict = {"what": "ul_sweeps", "reference_loss_factor": ref, "steps": steps, "frames": args.frames, "config": "configs/ul/tiny.yaml", "rate_hold": hold,
-                 "latent_logsnr": 5.0, "prior_logsnr_min": -10.0, "sigmoid_bias": 2.0, "rate_logsnr_samples": 32,
+    res: dict = {"what": "ul_sweeps", "reference_loss_factor": ref, "steps": steps, "frames": args.frames, "config": CONFIG, "rate_hold": hold,
+                 "latent_logsnr": cfg.ul.latent_logsnr, "prior_logsnr_min": cfg.ul.prior_logsnr_min,
+                 "sigmoid_bias": cfg.ul.sigmoid_bias, "rate_logsnr_samples": 32,
                  "decoder_sampler": "ddpm", "decoder_steps_for_psnr": 32}
     res["loss_factor_sweep"] = []
     for c in factors:
@@ -165,7 +171,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if not args.quick:
         export = train("mse_decoder", steps, ["--decoder.loss=mse", "--ul.loss_factor=1.5", *hold], args.data, runs, args.frames)
-        res["mse_decoder"] = {"loss_factor": 1.5, "mse_sigma": 0.1, **measure(export, args.clips)}
+        res["mse_decoder"] = {"loss_factor": 1.5, "mse_sigma": cfg.decoder.mse_sigma, **measure(export, args.clips)}
     export = train(f"logsnr0_10_lf{ref}", steps, ["--ul.latent_logsnr=10.0", f"--ul.loss_factor={ref}", *hold], args.data, runs,
                    args.frames)
     res["latent_logsnr_10"] = {"loss_factor": ref, **measure(export, args.clips)}
@@ -193,7 +199,9 @@ def tightness(runs: Path, export: Path, data: str, steps: int, frames: int) -> d
                     f"--base.stage1_export={export}", f"--data.path={shards}", f"--data.num_frames={frames}", f"--train.steps={steps}",
                     "--train.recon_every=0"], cwd=ROOT, check=True)
     pipe = load_pipeline(export, base / "exports" / "latest.safetensors")
-    batch = next(iter(build_loader(pipe.base_cfg.data, micro_batch_size=32, seed=0, split="heldout")))
+    # the held-out latents from the shards just written (the export's stored path may be stale)
+    data_cfg = dataclasses.replace(pipe.base_cfg.data, path=str(shards))
+    batch = next(iter(build_loader(data_cfg, micro_batch_size=32, seed=0, split="heldout")))
     report = tightness_report(pipe, batch["z_clean"], list(batch["caption"]))
     return {"base_steps": steps, **report, "relative_gap": round(report["null_over_prior"] - 1, 4)}
 
