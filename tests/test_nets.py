@@ -12,7 +12,7 @@ import torch
 from ulvideo.config import BaseConfig, DecoderConfig, EncoderConfig, PriorConfig
 from ulvideo.kernels.reference import naive_attention
 from ulvideo.nets import SIZES, Decoder, Encoder, LatentTransformer, expand_latent_time
-from ulvideo.nets.layers import ResBlock
+from ulvideo.nets.layers import ResBlock, norm_groups
 from ulvideo.nets.transformer import TransformerBlock, banded_attention
 
 C = 16  # latent channels (EncoderConfig default)
@@ -266,6 +266,40 @@ def test_z_clean_starts_well_above_the_noise_floor(encoder):
             rms = encoder(x).pow(2).mean().sqrt().item()
         # sigma0 = sqrt(sigmoid(-5)) ~ 0.082 (DESIGN.md §1); the head is built for RMS ~ 1
         assert 0.5 < rms < 2.0, rms
+
+
+@pytest.mark.parametrize("head_norm_groups", [1, 0])
+def test_encoder_head_sees_each_channel_groups_scale(head_norm_groups):
+    """One object on a flat background: a group of the trunk's channels carries the object's colour
+    in its scale. A per-frame norm with statistics per channel group (`head_norm_groups = 0`, the
+    trunk's grouping) cannot see that scale: scaling the group about its mean leaves z exactly as it
+    was. The default one-group head sees it: z moves well above the latent noise sigma0 ~ 0.08."""
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(head_norm_groups=head_norm_groups)).eval()
+    c = encoder.norm_out.weight.numel()
+    per_group = c // norm_groups(c)  # the trunk's grouping
+    mask = torch.zeros(1, 1, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1.0
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, c, 1, 1, 1, generator=g) + torch.randn(1, c, 1, 1, 1, generator=g) * mask
+    with torch.no_grad():
+        z = encoder.conv_out(encoder.norm_out(h))
+        for k in range(0, c, per_group):
+            scaled = h.clone()
+            group = scaled[:, k:k + per_group]
+            scaled[:, k:k + per_group] = group.mean() + 3.0 * (group - group.mean())
+            moved = (encoder.conv_out(encoder.norm_out(scaled)) - z).pow(2).mean().sqrt().item()
+            if head_norm_groups == 0:
+                assert moved < 1e-4, (k, moved)
+            else:
+                assert moved > 0.1, (k, moved)
+
+
+def test_encoder_head_norm_groups_is_validated():
+    with pytest.raises(ValueError, match="head_norm_groups"):
+        Encoder(EncoderConfig(head_norm_groups=-1))
+    with pytest.raises(ValueError, match="groups"):
+        Encoder(EncoderConfig(head_norm_groups=5))  # 64 channels do not split into 5 groups
 
 
 def test_blocks_are_listed_for_checkpointing(encoder, decoder):

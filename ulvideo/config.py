@@ -40,6 +40,9 @@ class EncoderConfig:
     # architecture overrides of the named size (None = the size's value, ulvideo/nets/sizes.py)
     channels: list[int] | None = None  # one width per level: log2(max(downsampling)) + 1 entries
     num_res_blocks: int | None = None
+    # groups of the output head's per-frame norm: 1 keeps each channel group's contrast (an
+    # object's colour) relative to the others; 0 = the trunk's grouping (ulvideo/nets/encoder.py)
+    head_norm_groups: int = 1
 
 
 @dataclass

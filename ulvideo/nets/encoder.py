@@ -62,13 +62,24 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.downs = downs
 
-        # Output head: per-frame GroupNorm (affine = identity at init) then a 1x1x1 conv with
-        # weights N(0, 1 / c) and zero bias. The norm makes the features' second moments sum to
-        # exactly c over the channels at every frame (each group has mean 0, variance 1 over its
-        # elements), so for ANY input E_w[mean(z_clean^2)] = c * (1 / c) = 1: z_clean starts with
-        # RMS ~ 1, far above the sigma0 ~ 0.08 noise floor (DESIGN.md "Start-up dynamics").
-        # The norm is not an output normalisation: the conv's weights scale z freely afterwards.
-        self.norm_out = FrameGroupNorm(c)
+        # Output head: a per-frame norm over ALL channels and positions (one group; affine =
+        # identity at init), then a 1x1x1 conv with weights N(0, 1 / c) and zero bias. The norm
+        # makes the features' second moments sum to exactly c over the channels at every frame,
+        # so for ANY input E_w[mean(z_clean^2)] = c * (1 / c) = 1: z_clean starts with RMS ~ 1,
+        # far above the sigma0 ~ 0.08 noise floor (DESIGN.md "Start-up dynamics"). It is not an
+        # output normalisation: the conv's weights scale z freely afterwards.
+        # One group, not the trunk's groups of 4 channels: a per-group norm over a frame removes
+        # each group's scale, and when a frame holds one object on a flat background that scale
+        # is the object's contrast in those channels, i.e. its colour. With the trunk's grouping
+        # the latent keeps colour only as ratios inside groups and the networks learn it later:
+        # as a plain autoencoder on 1-frame shapes clips, colour right in 48% vs 100% of held-out
+        # clips at step 900, 86% vs 95% at 1200 (benchmarks/autoencoder_colour.py).
+        # (`encoder.head_norm_groups`, default 1; 0 restores the trunk's grouping for comparison:
+        # benchmarks/autoencoder_colour.py)
+        groups = getattr(cfg, "head_norm_groups", 1)
+        if groups < 0:
+            raise ValueError(f"encoder.head_norm_groups = {groups}; expected 0 (the trunk's grouping) or a positive divisor of {c}")
+        self.norm_out = FrameGroupNorm(c, groups=groups or None)
         self.conv_out = CausalConv3d(c, cfg.latent_channels, 1)
         nn.init.normal_(self.conv_out.conv.weight, std=c**-0.5)
         nn.init.zeros_(self.conv_out.conv.bias)

@@ -202,9 +202,11 @@ class FrameGroupNorm(nn.Module):
 
     frame_stats: FrameStatistics | None = None
 
-    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-6):
+    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-6, groups: int | None = None):
         super().__init__()
-        self.groups = norm_groups(channels)
+        self.groups = norm_groups(channels) if groups is None else groups
+        if self.groups < 1 or channels % self.groups:
+            raise ValueError(f"FrameGroupNorm: {channels} channels do not split into {self.groups} groups")
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels)) if affine else None
         self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
