@@ -1,6 +1,6 @@
 """Prompt adherence at CPU scale: tiny stage 1 + stage 2 on the shapes data, scored by the measurer.
 
-    python benchmarks/prompt_adherence.py [--stage1-steps 1500] [--base-steps 3000] [--clips 112]
+    python benchmarks/prompt_adherence.py [--stage1-steps 1800] [--base-steps 3000] [--clips 112]
 
 1. stage 1 (configs/ul/tiny.yaml) — reused when its run dir already holds an export at >= the steps;
 2. `ulvideo encode --data` -> latent shards with cached MiniLM text embeddings;
@@ -39,7 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--stage1-run", default="runs/bench_stage1")
-    p.add_argument("--stage1-steps", type=int, default=1500)
+    p.add_argument("--stage1-steps", type=int, default=1800)
     p.add_argument("--base-run", default="runs/bench_base")
     p.add_argument("--base-steps", type=int, default=3000)
     p.add_argument("--clips", type=int, default=112, help="generated clips per prompt style")

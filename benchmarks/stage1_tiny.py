@@ -1,6 +1,6 @@
 """Stage-1 quality at CPU scale: train configs/ul/tiny.yaml, then score held-out reconstructions.
 
-    python benchmarks/stage1_tiny.py [--steps 1500] [--run-dir runs/bench_stage1] [--data data/shapes]
+    python benchmarks/stage1_tiny.py [--steps 1800] [--run-dir runs/bench_stage1] [--data data/shapes]
 
 Trains (or resumes) the tiny config on the built-in shapes data (synthesized if missing), then on
 the held-out clips (the config's `heldout_fraction`, chosen by path hash) reports as one JSON line:
@@ -31,7 +31,7 @@ def sh(*args: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/ul/tiny.yaml")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--run-dir", default="runs/bench_stage1")
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--num-clips", type=int, default=512)

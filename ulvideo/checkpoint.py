@@ -63,6 +63,11 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
         raise ExportError(f"export config not found: {side} (an export is NAME.safetensors + NAME.json)")
     try:
         info = json.loads(side.read_text())
+        encoder = info["config"].get("encoder")
+        if isinstance(encoder, dict) and "head_norm_groups" not in encoder:
+            # written before the field existed: those weights were trained with the head norm in
+            # the trunk's grouping (0), not today's default of one group
+            info["config"]["encoder"] = {**encoder, "head_norm_groups": 0}
         cfg = from_dict(info["config"], str(side))
     except (ValueError, KeyError) as e:
         raise ExportError(f"{side}: not a ulvideo export config ({e})") from e
