@@ -48,7 +48,7 @@ def run(cfg, head: int, decoder_input: str, steps: int, eval_every: int, seed: i
     def predict(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         z0 = model.noisy_latent(model.encode(x), gen)
         if decoder_input == "zeros":
-            return model._x_at_lowest_logsnr(torch.zeros_like(x), z0)
+            return model._mse_decode(z0, x.shape[2])
         return model._x_at_lowest_logsnr(torch.randn(x.shape, generator=gen), z0)
 
     def evaluate(step: int) -> dict:
@@ -103,7 +103,7 @@ def main() -> None:
 
     from ulvideo.config import load_config
     from ulvideo.data import build_loader
-    from ulvideo.shapes import ShapeSpec
+    from ulvideo.shapes import manifest_specs
 
     clip_cfg = load_config(ROOT / args.config, [f"--data.path={args.data}"])
     cfg = load_config(ROOT / args.config, [f"--data.path={args.data}", *args.overrides, f"--data.num_frames={args.frames}"])
@@ -112,10 +112,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "ulvideo", "data", "synth", "--out", str(data), "--num",
                         str(args.num_clips), "--frames", str(clip_cfg.data.num_frames), "--size",
                         str(clip_cfg.data.height)], cwd=ROOT, check=True)
-    specs = {}
-    for line in (data / "manifest.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        specs[Path(row["path"]).name] = ShapeSpec.from_dict(row["spec"])
+    specs = manifest_specs(data)
     heldout = [(b["video"], [Path(s).name for s in b["source"]])
                for b in build_loader(cfg.data, micro_batch_size=64, seed=0, split="heldout")]
     runs = [run(cfg, int(h), i, args.steps, args.eval_every, args.seed, heldout, specs)

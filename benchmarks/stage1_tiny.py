@@ -60,14 +60,11 @@ def main() -> None:
     from ulvideo.data import build_loader
     from ulvideo.generate import load_stage1
     from ulvideo.metrics import psnr
-    from ulvideo.shapes import ShapeSpec, measure_clip, score
+    from ulvideo.shapes import manifest_specs, measure_clip, score
     from ulvideo.videoio import to_uint8
 
     model = load_stage1(run / "exports" / "latest.safetensors")
-    specs = {}
-    for line in (data / "manifest.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        specs[Path(row["path"]).name] = ShapeSpec.from_dict(row["spec"])
+    specs = manifest_specs(data)
     loader = build_loader(model.cfg.data, micro_batch_size=16, seed=0, split="heldout")
     colour, shape, direction, within2, psnrs, bits = [], [], [], [], [], []
     g = torch.Generator().manual_seed(0)

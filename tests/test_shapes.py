@@ -188,6 +188,8 @@ def test_synth_cli_writes_mp4_captions_and_manifest(tmp_path):
         assert frames.shape == (9, 32, 32, 3)
         assert score(spec, measure_clip(frames))["all"]
     assert [ShapeSpec.from_dict(r["spec"]) for r in rows] == make_dataset_specs(6, 5, exclude=held)
+    assert shapes.manifest_specs(out) == {f"shape_{i:05d}.mp4": s
+                                          for i, s in enumerate(make_dataset_specs(6, 5, exclude=held))}
     # a smaller rerun into the same folder would leave stale clips behind: refused
     args = argparse.Namespace(out=str(out), num=3, frames=9, size=32, seed=5, fps=8)
     assert shapes.main_synth(args) == 2

@@ -422,6 +422,15 @@ def score(spec: ShapeSpec, m: Measurement) -> dict:
     return out
 
 
+def manifest_specs(folder: str | Path) -> dict[str, ShapeSpec]:
+    """{clip file name: its ShapeSpec} from the `manifest.jsonl` that `ulvideo data synth` wrote."""
+    specs = {}
+    for line in (Path(folder) / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        specs[Path(row["path"]).name] = ShapeSpec.from_dict(row["spec"])
+    return specs
+
+
 # ---------------------------------------------------------------------------------------------
 # `ulvideo data synth`
 

@@ -73,10 +73,9 @@ class Encoder(nn.Module):
         # is the object's contrast in those channels, i.e. its colour. With the trunk's grouping
         # the latent keeps colour only as ratios inside groups and the networks learn it later:
         # as a plain autoencoder on 1-frame shapes clips, colour right in 48% vs 100% of held-out
-        # clips at step 900, 86% vs 95% at 1200 (benchmarks/autoencoder_colour.py).
-        # (`encoder.head_norm_groups`, default 1; 0 restores the trunk's grouping for comparison:
-        # benchmarks/autoencoder_colour.py)
-        groups = getattr(cfg, "head_norm_groups", 1)
+        # clips at step 900, 86% vs 95% at 1200 (benchmarks/autoencoder_colour.py, which compares
+        # the two through `encoder.head_norm_groups`: 1, the default, or 0 for the trunk's grouping).
+        groups = cfg.head_norm_groups
         if groups < 0:
             raise ValueError(f"encoder.head_norm_groups = {groups}; expected 0 (the trunk's grouping) or a positive divisor of {c}")
         self.norm_out = FrameGroupNorm(c, groups=groups or None)
