@@ -341,3 +341,21 @@ def test_bf16_autocast_runs(encoder, decoder):
         prior = LatentTransformer(PriorConfig(), C)(z, torch.zeros(1))
     assert out.shape == x.shape and prior.shape == z.shape
     assert torch.isfinite(out.float()).all() and torch.isfinite(z.float()).all()
+
+
+@pytest.mark.parametrize("std", [0.0, 0.05])
+def test_decoder_output_init(std):
+    """`decoder.output_init_std` 0: the first prediction is exactly 0 for any input (ADM);
+    > 0: the output conv's weights have that std and the three colour channels differ."""
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(output_init_std=std), 4)
+    w = dec.conv_out.conv.weight
+    x_t, z0 = torch.randn(2, 3, 5, 16, 16), torch.randn(2, 4, 2, 2, 2)
+    with torch.no_grad():
+        out = dec(x_t, z0, torch.zeros(2))
+    if std == 0:
+        assert (out == 0).all()
+    else:
+        assert abs(w.std().item() / std - 1) < 0.1
+        r, g, b = out.unbind(1)
+        assert (r - b).abs().mean() > 0.1 * out.abs().mean() and (r - g).abs().mean() > 0.1 * out.abs().mean()

@@ -141,6 +141,61 @@ def test_startup_recon_term_by_hand():
     torch.testing.assert_close(terms.total, terms.rate + terms.distortion + ref, rtol=1e-5, atol=1e-2)
 
 
+def _startup_model(*overrides):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["--data.num_frames=5", "--data.height=16", "--data.width=16",
+                             "--encoder.latent_channels=4", "--ul.startup_recon_weight=1", *overrides])
+    m = UnifiedLatents(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    return m
+
+
+def test_startup_from_zeros_is_the_mse_decoders_error():
+    """`ul.startup_input = zeros`: the term's x_hat is the MSE decoder's prediction (all-zero input)."""
+    m = _startup_model("--ul.startup_input=zeros")
+    x = clips(4)
+    with torch.no_grad():
+        z0 = m.noisy_latent(m.encode(x), torch.Generator().manual_seed(5))
+        got = m.startup_recon_error(x, z0)
+        ref = ((x - m._mse_decode(z0, x.shape[2])) ** 2).sum((1, 2, 3, 4))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_startup_on_k_clips_is_rescaled_and_unbiased(k):
+    """`ul.startup_clips = k`: clips k.. carry 0, the first k carry B / k times their own error
+    (the all-clip term's values for them: deterministic with the zero input), so the batch mean
+    is unchanged in expectation over which clips come first."""
+    full = _startup_model("--ul.startup_input=zeros")
+    part = _startup_model("--ul.startup_input=zeros", f"--ul.startup_clips={k}")
+    part.load_state_dict(full.state_dict())
+    x = clips(4)
+    with torch.no_grad():
+        z0 = full.noisy_latent(full.encode(x), torch.Generator().manual_seed(5))
+        ref = full.startup_recon_error(x, z0)
+        got = part.startup_recon_error(x, z0)
+    torch.testing.assert_close(got[:k], ref[:k] * 4 / k, rtol=1e-5, atol=1e-4)
+    assert (got[k:] == 0).all()
+    # averaged over the 4 rotations of the batch (each clip among the first k equally often),
+    # the batch mean is the all-clip mean
+    with torch.no_grad():
+        avg = torch.stack([part.startup_recon_error(x.roll(r, 0), z0.roll(r, 0)).mean() for r in range(4)]).mean()
+    torch.testing.assert_close(avg, ref.mean(), rtol=1e-5, atol=1e-4)
+
+
+def test_startup_options_are_validated():
+    from ulvideo.config import ConfigError
+    with pytest.raises(ConfigError, match="startup_clips"):
+        load_config(None, ["--ul.startup_clips=-1"])
+    with pytest.raises(ConfigError, match="output_init_std"):
+        load_config(None, ["--decoder.output_init_std=-0.1"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["--ul.startup_input=ones"])
+
+
 def test_startup_scale_fades_as_the_rate_ramps_in():
     from ulvideo.objectives import StageOne
 

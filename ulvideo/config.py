@@ -76,6 +76,9 @@ class DecoderConfig:
     width: int | None = None
     depth: int | None = None
     dropout: float | None = None
+    # std of the output conv's initial weights: 0 = zero (ADM: the first prediction is 0 for every
+    # input); > 0 = small random weights, so the output's colour channels do not start identical
+    output_init_std: float = 0.0
 
 
 @dataclass
@@ -93,6 +96,12 @@ class ULConfig:
     # (1 - rate scale) * w / 2 * ||x - x_hat(x_lmin, z0, lmin)||^2 nats, the decoder's prediction at
     # its lowest logSNR (where only z0 informs it) made to count. 0 = off; after the ramp: exact UL.
     startup_recon_weight: float = 0.0
+    # clips of each batch the start-up term is computed on (0 = all): it costs one more decoder
+    # pass over them, so fewer clips make a start-up step cheaper; the term is rescaled by B / k
+    startup_clips: int = 0
+    # the decoder's input for the start-up term: "noise", x at the lowest logSNR (what sampling
+    # starts from), or "zeros" (the MSE decoder's input)
+    startup_input: Literal["noise", "zeros"] = "noise"
     regularizer: Literal["diffusion_prior", "kl_vae"] = "diffusion_prior"
     kl_weight: float = 1.0  # beta, for regularizer = kl_vae
     eval_logsnr_samples: int = 32  # K stratified logSNRs per clip for held-out bits
@@ -366,6 +375,10 @@ def validate(cfg: Config) -> None:
     w = cfg.decoder.temporal_window
     if w is not None and (isinstance(w, bool) or w < 1):
         raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")
+    if cfg.ul.startup_clips < 0:
+        raise ConfigError(f"ul.startup_clips = {cfg.ul.startup_clips} must be >= 0 (0 = every clip of the batch)")
+    if cfg.decoder.output_init_std < 0:
+        raise ConfigError(f"decoder.output_init_std = {cfg.decoder.output_init_std} must be >= 0")
     if cfg.ul.startup_recon_weight < 0:
         raise ConfigError(f"ul.startup_recon_weight = {cfg.ul.startup_recon_weight} must be >= 0")
     if not 0.0 <= d.image_ratio <= 1.0:

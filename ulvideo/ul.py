@@ -154,12 +154,27 @@ class UnifiedLatents(nn.Module):
         There x_lambda is (almost) pure noise, so the Bayes-optimal prediction is E[x | z0]: the
         same target the diffusion loss has at that logSNR, where its weight is ~e^lambda_min. This
         term gives it weight during start-up, so the decoder learns to read z0 (and the encoder to
-        write into it) as fast as a plain autoencoder does.
+        write into it) as fast as a plain autoencoder does. `ul.startup_input = zeros` takes the
+        prediction from an all-zero input instead (the MSE decoder's); `ul.startup_clips` = k
+        computes it on the first k clips of the batch only (one decoder pass over k clips, not B).
         """
-        lam = torch.full((x.shape[0],), self.cfg.decoder.logsnr_min, device=x.device)
-        a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        return _sum(x.float() - self._x_at_lowest_logsnr((a * x.float() + s * eps).to(x.dtype), z0))
+        u = self.cfg.ul
+        b = x.shape[0]
+        k = min(b, u.startup_clips or b)
+        xs, zs = x[:k], z0[:k]
+        if u.startup_input == "zeros":
+            x_in = torch.zeros_like(xs)
+        else:
+            lam = torch.full((k,), self.cfg.decoder.logsnr_min, device=x.device)
+            a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
+            eps = torch.randn(xs.shape, generator=generator, device=x.device, dtype=torch.float32)
+            x_in = (a * xs.float() + s * eps).to(x.dtype)
+        err = _sum(xs.float() - self._x_at_lowest_logsnr(x_in, zs))
+        if k == b:
+            return err
+        # `ul.startup_clips` = k < B: the first k clips carry the term, scaled by B / k so the
+        # batch mean is an unbiased estimate of the all-clip term
+        return torch.cat([err * (b / k), err.new_zeros(b - k)])
 
     def _x_at_lowest_logsnr(self, x_t: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         """The decoder's x-prediction from x_t at its lowest logSNR (where only z0 informs it)."""

@@ -149,6 +149,9 @@ class Decoder(nn.Module):
         # prediction target; the gradient reaches everything else from the second step on.
         nn.init.zeros_(self.conv_out.conv.weight)
         nn.init.zeros_(self.conv_out.conv.bias)
+        # `decoder.output_init_std` > 0: small random weights instead (the bias stays 0)
+        if getattr(cfg, "output_init_std", 0.0) > 0:
+            nn.init.normal_(self.conv_out.conv.weight, std=cfg.output_init_std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
