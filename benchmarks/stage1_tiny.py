@@ -61,52 +61,20 @@ def main() -> None:
     train_rows = [r for r in rows if "clips_per_s" in r]
     clips_per_s = float(np.median([r["clips_per_s"] for r in train_rows[len(train_rows) // 2:]])) if train_rows else float("nan")
 
-    from ulvideo.data import build_loader
+    from ulvideo.evaluation import score_shapes_reconstructions
     from ulvideo.generate import load_stage1
-    from ulvideo.metrics import psnr
-    from ulvideo.shapes import manifest_specs, measure_clip, score
-    from ulvideo.videoio import to_uint8
 
     model = load_stage1(run / "exports" / "latest.safetensors")
-
-    def evaluate(folder: Path, data_cfg, limit: int) -> dict:
-        specs = manifest_specs(folder)
-        loader = build_loader(data_cfg, micro_batch_size=16, seed=0, split="heldout")
-        colour, shape, direction, within2, psnrs, bits = [], [], [], [], [], []
-        g = torch.Generator().manual_seed(0)
-        seen = 0
-        with torch.no_grad():
-            for batch in loader:
-                x = batch["video"]
-                z = model.encode(x)
-                bits.append(model.rate_bits(z, 32, seed=0))
-                recon = model.decode(model.noisy_latent(z, g), x.shape[2], args.decoder_steps, args.sampler, g)
-                psnrs.append(psnr(x, recon))
-                for src, clip in zip(batch["source"], to_uint8(recon)):
-                    s = score(specs[Path(src).name], measure_clip(clip))
-                    colour.append(s["colour"])
-                    shape.append(s["shape"])
-                    direction.append(s["direction"])
-                    within2 += [e is not None and e <= 2.0 for e in s["centroid_err"]]
-                seen += x.shape[0]
-                if seen >= limit:
-                    break
-        return {"clips": seen, "bits": torch.cat(bits), "psnr_db": round(torch.cat(psnrs).mean().item(), 3),
-                "colour_match": round(float(np.mean(colour)), 4), "shape_match": round(float(np.mean(shape)), 4),
-                "direction_match": round(float(np.mean(direction)), 4),
-                "centroid_within_2px": round(float(np.mean(within2)), 4)}
-
-    held = evaluate(data, model.cfg.data, args.eval_clips)
-    seen, bits = held["clips"], [held["bits"]]
-    bits_t = torch.cat(bits)
+    scoring = dict(decoder_steps=args.decoder_steps, sampler=args.sampler)
+    held = score_shapes_reconstructions(model, model.cfg.data, data, limit=args.eval_clips, **scoring)
     t, h, w = model.cfg.data.num_frames, model.cfg.data.height, model.cfg.data.width
     u = model.cfg.ul
     result = {
         "what": "stage1_tiny", "config": args.config, "overrides": args.overrides, "steps": args.steps,
-        "train_seconds": round(train_s, 1), "clips_per_s": round(clips_per_s, 3), "heldout_clips": seen,
+        "train_seconds": round(train_s, 1), "clips_per_s": round(clips_per_s, 3), "heldout_clips": held["clips"],
         "clip": [t, h, w], "latent_logsnr": u.latent_logsnr, "prior_logsnr_min": u.prior_logsnr_min,
         "loss_factor": u.loss_factor, "sigmoid_bias": u.sigmoid_bias, "rate_logsnr_samples": 32,
-        "bits_per_clip": round(bits_t.mean().item(), 2), "bits_per_pixel": round(bits_t.mean().item() / (t * h * w), 5),
+        "bits_per_clip": round(held["bits_per_clip"], 2), "bits_per_pixel": round(held["bits_per_pixel"], 5),
         "decoder_sampler": args.sampler, "decoder_steps": args.decoder_steps, "latent_noise": "sample",
         **{k: held[k] for k in ("psnr_db", "colour_match", "shape_match", "direction_match", "centroid_within_2px")},
         "goal": {"colour_match": 0.95, "centroid_within_2px": 0.90},
@@ -116,12 +84,14 @@ def main() -> None:
     if args.fresh_clips > 0:
         # 21 held-out clips resolve a rate only to ~5 points; fresh clips of another seed (the same
         # distribution, none of them in the training folder) measure it more finely
-        fresh = ROOT / f"{args.data}_fresh_seed{args.fresh_seed}"
+        fresh = ROOT / f"{args.data}_fresh_seed{args.fresh_seed}_n{args.fresh_clips}"
         if not (fresh / "manifest.jsonl").is_file():
             sh("data", "synth", "--out", str(fresh), "--num", str(args.fresh_clips), "--frames", str(t), "--size", str(h),
                "--seed", str(args.fresh_seed))
-        got = evaluate(fresh, dataclasses.replace(model.cfg.data, path=str(fresh), heldout_fraction=1.0), args.fresh_clips)
-        got["bits_per_clip"] = round(got.pop("bits").mean().item(), 2)
+        got = score_shapes_reconstructions(model, dataclasses.replace(model.cfg.data, path=str(fresh), heldout_fraction=1.0),
+                                           fresh, **scoring)
+        got = {**{k: v for k, v in got.items() if k != "colour_errors"},
+               "bits_per_clip": round(got["bits_per_clip"], 2), "bits_per_pixel": round(got["bits_per_pixel"], 5)}
         result["fresh"] = {"seed": args.fresh_seed, **got}
         result["goal_met_fresh"] = got["colour_match"] >= 0.95 and got["centroid_within_2px"] >= 0.90
     out = ROOT / args.out

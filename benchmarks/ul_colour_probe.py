@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,33 +30,14 @@ DEFAULT_VARIANTS = ("config=;output_init=--decoder.output_init_std=0.02;startup_
 
 
 def score_export(export: Path, data: Path, decoder_steps: int) -> dict:
-    from ulvideo.data import build_loader
+    from ulvideo.evaluation import score_shapes_reconstructions
     from ulvideo.generate import load_stage1
-    from ulvideo.metrics import psnr
-    from ulvideo.shapes import manifest_specs, measure_clip, score
-    from ulvideo.videoio import to_uint8
 
     model = load_stage1(export)
-    specs = manifest_specs(data)
-    g = torch.Generator().manual_seed(0)
-    colour, shape, psnrs, bits, wrong = [], [], [], [], []
-    with torch.no_grad():
-        for batch in build_loader(model.cfg.data, micro_batch_size=32, seed=0, split="heldout"):
-            x = batch["video"]
-            z = model.encode(x)
-            bits.append(model.rate_bits(z, 32, seed=0))
-            recon = model.decode(model.noisy_latent(z, g), x.shape[2], decoder_steps, "ddpm", g)
-            psnrs.append(psnr(x, recon))
-            for src, clip in zip(batch["source"], to_uint8(recon)):
-                spec, m = specs[Path(src).name], measure_clip(clip)
-                s = score(spec, m)
-                colour.append(s["colour"])
-                shape.append(s["shape"])
-                if not s["colour"]:
-                    wrong.append(f"{spec.colour}->{m.colour}")
-    return {"colour_match": round(float(np.mean(colour)), 4), "shape_match": round(float(np.mean(shape)), 4),
-            "psnr_db": round(torch.cat(psnrs).mean().item(), 3), "bits_per_clip": round(torch.cat(bits).mean().item(), 1),
-            "heldout_clips": len(colour), "colour_errors": wrong}
+    got = score_shapes_reconstructions(model, model.cfg.data, data, decoder_steps, micro_batch_size=32)
+    return {"colour_match": got["colour_match"], "shape_match": got["shape_match"], "psnr_db": got["psnr_db"],
+            "bits_per_clip": round(got["bits_per_clip"], 1), "heldout_clips": got["clips"],
+            "colour_errors": got["colour_errors"]}
 
 
 def main() -> None:

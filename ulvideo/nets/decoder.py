@@ -147,11 +147,13 @@ class Decoder(nn.Module):
         self.conv_out = CausalConv3d(ch[0], 3 * p * p, 3)
         # Zero output: the first prediction is 0 for every input (ADM), a bounded start for any
         # prediction target; the gradient reaches everything else from the second step on.
-        nn.init.zeros_(self.conv_out.conv.weight)
+        # `decoder.output_init_std` > 0: small random weights instead (the bias stays 0).
+        std = getattr(cfg, "output_init_std", 0.0)
+        if std > 0:
+            nn.init.normal_(self.conv_out.conv.weight, std=std)
+        else:
+            nn.init.zeros_(self.conv_out.conv.weight)
         nn.init.zeros_(self.conv_out.conv.bias)
-        # `decoder.output_init_std` > 0: small random weights instead (the bias stays 0)
-        if getattr(cfg, "output_init_std", 0.0) > 0:
-            nn.init.normal_(self.conv_out.conv.weight, std=cfg.output_init_std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
