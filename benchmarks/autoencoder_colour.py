@@ -1,6 +1,7 @@
 """Do the stage-1 networks learn colour? A plain autoencoder test on the shapes data.
 
-    python benchmarks/autoencoder_colour.py [--steps 600] [--heads 1,0] [--inputs zeros,noise] [-- --a.b=v ...]
+    python benchmarks/autoencoder_colour.py [--steps 600] [--heads 1,0] [--inputs zeros,noise] [--chroma-weights 1]
+        [-- --a.b=v ...]
 
 Trains the encoder and decoder of `configs/ul/tiny.yaml` as a plain MSE autoencoder (no prior, no
 rate, no diffusion loss) on 1-frame shapes clips: x -> z_clean -> z0 = alpha0 z_clean + sigma0 eps
@@ -8,7 +9,9 @@ rate, no diffusion loss) on 1-frame shapes clips: x -> z_clean -> z0 = alpha0 z_
 decoder's path) or from a noise input (`noise`, what the diffusion decoder sees there and what the
 start-up term trains). Every run has the same seed, data order and optimizer settings (the config's
 lr, betas, warm-up and clipping); only the encoder's output-head norm (`encoder.head_norm_groups`:
-1 = one group, 0 = the trunk's groups of 4 channels) and the decoder input differ. Every
+1 = one group, 0 = the trunk's groups of 4 channels), the decoder input and the chroma weight k
+of the squared error (`ul.startup_chroma_weight`: the error's part off the grey axis scaled by k,
+`ulvideo.ul.chroma_scaled`) differ. Every
 `--eval-every` steps: the shapes measurer's colour match and the PSNR on the held-out clips.
 
 Writes benchmarks/results/autoencoder_colour.json.
@@ -28,13 +31,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cfg, head: int, decoder_input: str, steps: int, eval_every: int, seed: int, heldout, specs) -> dict:
+def run(cfg, head: int, decoder_input: str, chroma: float, steps: int, eval_every: int, seed: int, heldout,
+        specs) -> dict:
     import dataclasses
 
     from ulvideo.data import build_loader
     from ulvideo.metrics import psnr
     from ulvideo.shapes import measure_clip, score
-    from ulvideo.ul import UnifiedLatents
+    from ulvideo.ul import UnifiedLatents, chroma_scaled
     from ulvideo.videoio import to_uint8
 
     cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, head_norm_groups=head))
@@ -70,7 +74,7 @@ def run(cfg, head: int, decoder_input: str, steps: int, eval_every: int, seed: i
             for group in opt.param_groups:
                 group["lr"] = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
             x = batch["video"]
-            loss = (predict(x, g) - x).pow(2).mean()
+            loss = chroma_scaled(predict(x, g) - x, chroma).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             if t.grad_clip > 0:
@@ -79,11 +83,11 @@ def run(cfg, head: int, decoder_input: str, steps: int, eval_every: int, seed: i
             step += 1
             if step % eval_every == 0 or step == steps:
                 curve.append(evaluate(step))
-                print(f"head_norm_groups={head} input={decoder_input} {curve[-1]}", flush=True)
+                print(f"head_norm_groups={head} input={decoder_input} chroma={chroma} {curve[-1]}", flush=True)
             if step >= steps:
                 break
     return {"head_norm_groups": head, "head_groups_resolved": model.encoder.norm_out.groups,
-            "decoder_input": decoder_input, "curve": curve, "seconds": round(time.time() - t0, 1)}
+            "decoder_input": decoder_input, "chroma_weight": chroma, "curve": curve, "seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:
@@ -96,6 +100,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--heads", default="1,0", help="encoder.head_norm_groups values (0 = the trunk's grouping)")
     p.add_argument("--inputs", default="zeros,noise", help="decoder inputs at its lowest logSNR")
+    p.add_argument("--chroma-weights", default="1", help="chroma weights k of the squared error (1 = plain)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/autoencoder_colour.json")
     p.add_argument("overrides", nargs="*", help="extra --a.b=v config overrides (after --)")
@@ -115,8 +120,8 @@ def main() -> None:
     specs = manifest_specs(data)
     heldout = [(b["video"], [Path(s).name for s in b["source"]])
                for b in build_loader(cfg.data, micro_batch_size=64, seed=0, split="heldout")]
-    runs = [run(cfg, int(h), i, args.steps, args.eval_every, args.seed, heldout, specs)
-            for h in args.heads.split(",") for i in args.inputs.split(",")]
+    runs = [run(cfg, int(h), i, float(k), args.steps, args.eval_every, args.seed, heldout, specs)
+            for h in args.heads.split(",") for i in args.inputs.split(",") for k in args.chroma_weights.split(",")]
     out = {
         "what": "autoencoder_colour",
         "config": args.config,
@@ -125,7 +130,7 @@ def main() -> None:
         "steps": args.steps,
         "batch": cfg.train.micro_batch_size,
         "heldout_clips": sum(len(n) for _, n in heldout),
-        "loss": "mean squared error of the decoder's x-prediction at its lowest logSNR from z0 (sampled)",
+        "loss": "squared error (chroma scaled by chroma_weight) of the decoder's x-prediction at its lowest logSNR from z0 (sampled)",
         "runs": runs,
         "hardware": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
@@ -134,7 +139,7 @@ def main() -> None:
     path = ROOT / args.out
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({f"head_norm_groups={r['head_norm_groups']} input={r['decoder_input']}": r["curve"][-1]
+    print(json.dumps({f"head_norm_groups={r['head_norm_groups']} input={r['decoder_input']} chroma={r['chroma_weight']}": r["curve"][-1]
                       for r in runs}))
 
 

@@ -186,6 +186,27 @@ def test_startup_on_k_clips_is_rescaled_and_unbiased(k):
     torch.testing.assert_close(avg, ref.mean(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [0.5, 3.0])
+def test_startup_chroma_weight_scales_the_error_off_the_grey_axis(k):
+    """`ul.startup_chroma_weight = k`: with P the projection onto the grey axis (1, 1, 1)/sqrt(3),
+    the term is ||P e||^2 + k^2 ||(I - P) e||^2 per clip, e = x - x_hat (all-zero input: deterministic)."""
+    plain = _startup_model("--ul.startup_input=zeros")
+    weighted = _startup_model("--ul.startup_input=zeros", f"--ul.startup_chroma_weight={k}")
+    weighted.load_state_dict(plain.state_dict())
+    x = clips(3)
+    with torch.no_grad():
+        z0 = plain.noisy_latent(plain.encode(x), torch.Generator().manual_seed(5))
+        e = x - plain._mse_decode(z0, x.shape[2])
+        g = torch.full((3, 1), 3 ** -0.5)
+        P = g @ g.T
+        grey = torch.einsum("ij,bj...->bi...", P, e)
+        chroma = torch.einsum("ij,bj...->bi...", torch.eye(3) - P, e)
+        ref = (grey ** 2).sum((1, 2, 3, 4)) + k**2 * (chroma ** 2).sum((1, 2, 3, 4))
+        got = weighted.startup_recon_error(x, z0)
+        assert not torch.allclose(got, plain.startup_recon_error(x, z0))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_startup_options_are_validated():
     from ulvideo.config import ConfigError
     with pytest.raises(ConfigError, match="startup_clips"):
@@ -194,6 +215,8 @@ def test_startup_options_are_validated():
         load_config(None, ["--decoder.output_init_std=-0.1"])
     with pytest.raises(ConfigError):
         load_config(None, ["--ul.startup_input=ones"])
+    with pytest.raises(ConfigError, match="startup_chroma_weight"):
+        load_config(None, ["--ul.startup_chroma_weight=0"])
 
 
 def test_startup_scale_fades_as_the_rate_ramps_in():

@@ -102,6 +102,10 @@ class ULConfig:
     # the decoder's input for the start-up term: "noise", x at the lowest logSNR (what sampling
     # starts from), or "zeros" (the MSE decoder's input)
     startup_input: Literal["noise", "zeros"] = "noise"
+    # scale k of the start-up error's chroma (its part orthogonal to grey, e - mean_rgb(e)): its
+    # squared error counts k^2 times. An object's colour is a low-variance direction of pixel space
+    # next to its luminance footprint, and an MSE autoencoder learns it last (ulvideo/ul.py)
+    startup_chroma_weight: float = 1.0
     regularizer: Literal["diffusion_prior", "kl_vae"] = "diffusion_prior"
     kl_weight: float = 1.0  # beta, for regularizer = kl_vae
     eval_logsnr_samples: int = 32  # K stratified logSNRs per clip for held-out bits
@@ -379,6 +383,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ul.startup_clips = {cfg.ul.startup_clips} must be >= 0 (0 = every clip of the batch)")
     if cfg.decoder.output_init_std < 0:
         raise ConfigError(f"decoder.output_init_std = {cfg.decoder.output_init_std} must be >= 0")
+    if cfg.ul.startup_chroma_weight <= 0:
+        raise ConfigError(f"ul.startup_chroma_weight = {cfg.ul.startup_chroma_weight} must be > 0 (1 = plain squared error)")
     if cfg.ul.startup_recon_weight < 0:
         raise ConfigError(f"ul.startup_recon_weight = {cfg.ul.startup_recon_weight} must be >= 0")
     if not 0.0 <= d.image_ratio <= 1.0:

@@ -53,6 +53,17 @@ def _sum(err: torch.Tensor) -> torch.Tensor:
     return (err.float() ** 2).flatten(1).sum(1)
 
 
+def chroma_scaled(err: torch.Tensor, k: float) -> torch.Tensor:
+    """RGB error (B, 3, ...) with its chroma scaled by k: grey part m = mean over RGB, m + k (err - m).
+
+    The two parts are orthogonal, so ||chroma_scaled(e, k)||^2 = ||m||^2 + k^2 ||e - m||^2.
+    """
+    if k == 1.0:
+        return err
+    grey = err.mean(dim=1, keepdim=True)
+    return grey + k * (err - grey)
+
+
 def rate_gradient_scale(step: int, hold_steps: int, ramp_steps: int) -> float:
     """0 during the rate hold, then a linear ramp to 1 (DESIGN.md "Start-up dynamics")."""
     if step < hold_steps:
@@ -169,7 +180,7 @@ class UnifiedLatents(nn.Module):
             a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
             eps = torch.randn(xs.shape, generator=generator, device=x.device, dtype=torch.float32)
             x_in = (a * xs.float() + s * eps).to(x.dtype)
-        err = _sum(xs.float() - self._x_at_lowest_logsnr(x_in, zs))
+        err = _sum(chroma_scaled(xs.float() - self._x_at_lowest_logsnr(x_in, zs), u.startup_chroma_weight))
         if k == b:
             return err
         # `ul.startup_clips` = k < B: the first k clips carry the term, scaled by B / k so the
