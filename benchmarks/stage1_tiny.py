@@ -1,13 +1,14 @@
 """Stage-1 quality at CPU scale: train configs/ul/tiny.yaml, then score held-out reconstructions.
 
     python benchmarks/stage1_tiny.py [--steps 1800] [--run-dir runs/bench_stage1] [--data data/shapes]
+        [--fresh-clips N] [--curve] [-- --a.b=v ...]
 
 Trains (or resumes) the tiny config on the built-in shapes data (synthesized if missing), then on
 the held-out clips (the config's `heldout_fraction`, chosen by path hash) reports as one JSON line:
 bits per pixel / per clip (K = 32 stratified logSNRs), PSNR of decoded reconstructions (sampler and
 steps named), the shapes measurer's colour-match rate and centroid error against each clip's true
-spec, and training clips/s. Goal: colour matches in >= 95% of clips and centroid within 2 px in >= 90%
-of frames. Writes benchmarks/results/stage1_tiny.json.
+spec, and training clips/s (`--curve`: the same for every intermediate export). Goal: colour
+matches in >= 95% of clips and centroid within 2 px in >= 90% of frames. Writes benchmarks/results/stage1_tiny.json.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main() -> None:
                    help="also score this many clips synthesized with --fresh-seed (never trained on)")
     p.add_argument("--fresh-seed", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/stage1_tiny.json")
+    p.add_argument("--curve", action="store_true",
+                   help="also score every intermediate export (exports/ul_step_*) on the held-out clips")
     p.add_argument("overrides", nargs="*", help="extra --a.b=v config overrides")
     args = p.parse_args()
 
@@ -60,6 +63,9 @@ def main() -> None:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "clips_per_s" in r]
     clips_per_s = float(np.median([r["clips_per_s"] for r in train_rows[len(train_rows) // 2:]])) if train_rows else float("nan")
+    # time in training steps from the logged throughput (counts every call of a resumed run)
+    batch, every = cfg.train.global_batch_size, cfg.train.log_every
+    steps_s = sum(min(every, r["step"]) * batch / r["clips_per_s"] for r in train_rows if r["clips_per_s"] > 0)
 
     from ulvideo.evaluation import score_shapes_reconstructions
     from ulvideo.generate import load_stage1
@@ -71,7 +77,8 @@ def main() -> None:
     u = model.cfg.ul
     result = {
         "what": "stage1_tiny", "config": args.config, "overrides": args.overrides, "steps": args.steps,
-        "train_seconds": round(train_s, 1), "clips_per_s": round(clips_per_s, 3), "heldout_clips": held["clips"],
+        "train_seconds": round(train_s, 1), "step_seconds_logged": round(steps_s, 1), "clips_per_s": round(clips_per_s, 3),
+        "heldout_clips": held["clips"],
         "clip": [t, h, w], "latent_logsnr": u.latent_logsnr, "prior_logsnr_min": u.prior_logsnr_min,
         "loss_factor": u.loss_factor, "sigmoid_bias": u.sigmoid_bias, "rate_logsnr_samples": 32,
         "bits_per_clip": round(held["bits_per_clip"], 2), "bits_per_pixel": round(held["bits_per_pixel"], 5),
@@ -79,8 +86,16 @@ def main() -> None:
         **{k: held[k] for k in ("psnr_db", "colour_match", "shape_match", "direction_match", "centroid_within_2px")},
         "goal": {"colour_match": 0.95, "centroid_within_2px": 0.90},
         "hardware": "cpu", "torch_threads": torch.get_num_threads(),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
     }
     result["goal_met"] = result["colour_match"] >= 0.95 and result["centroid_within_2px"] >= 0.90
+    if args.curve:
+        keys = ("colour_match", "shape_match", "centroid_within_2px", "psnr_db", "bits_per_clip")
+        result["curve"] = []
+        for export in sorted((run / "exports").glob("ul_step_*.safetensors")):
+            got = score_shapes_reconstructions(load_stage1(export), model.cfg.data, data, limit=args.eval_clips, **scoring)
+            step = json.loads(export.with_suffix(".json").read_text())["meta"]["step"]
+            result["curve"].append({"step": step, **{k: round(got[k], 4) for k in keys}})
     if args.fresh_clips > 0:
         # 21 held-out clips resolve a rate only to ~5 points; fresh clips of another seed (the same
         # distribution, none of them in the training folder) measure it more finely
