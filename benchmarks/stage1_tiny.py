@@ -1,6 +1,6 @@
 """Stage-1 quality at CPU scale: train configs/ul/tiny.yaml, then score held-out reconstructions.
 
-    python benchmarks/stage1_tiny.py [--steps 1800] [--run-dir runs/bench_stage1] [--data data/shapes]
+    python benchmarks/stage1_tiny.py [--steps N] [--run-dir runs/bench_stage1] [--data data/shapes]
         [--fresh-clips N] [--curve] [-- --a.b=v ...]
 
 Trains (or resumes) the tiny config on the built-in shapes data (synthesized if missing), then on
@@ -33,7 +33,7 @@ def sh(*args: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/ul/tiny.yaml")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's train.steps)")
     p.add_argument("--run-dir", default="runs/bench_stage1")
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--num-clips", type=int, default=512)
@@ -52,6 +52,7 @@ def main() -> None:
     from ulvideo.config import load_config
 
     cfg = load_config(ROOT / args.config, [f"--data.path={args.data}"] + args.overrides)
+    args.steps = args.steps or cfg.train.steps
     data = ROOT / args.data
     if not (data / "manifest.jsonl").is_file():
         sh("data", "synth", "--out", str(data), "--num", str(args.num_clips), "--frames", str(cfg.data.num_frames),

@@ -78,6 +78,22 @@ def test_generate_shapes_and_determinism(pipe):
     assert nine.shape == (1, 9, 16, 16, 3)
 
 
+def test_decoder_sampler_is_chosen_apart_from_the_base_sampler(pipe):
+    """decoder_sampler = ddim after a ddpm base sampler: the same as running the two by hand."""
+    from ulvideo.videoio import to_uint8
+
+    prompts = ["a small red circle moving left"]
+    got = pipe(prompts, seed=4, num_frames=5, steps=3, decoder_steps=3, decoder_sampler="ddim")
+    shape = (1, pipe.stage1.latent_channels, 2, 2, 2)
+    cond, null = pipe.condition(prompts, None, None, shape)
+    g = torch.Generator().manual_seed(4)
+    z0 = pipe.base.sample(shape, cond, null, 1.0, 3, "ddpm", g).z
+    with torch.no_grad():
+        ref = to_uint8(pipe.stage1.decode(z0, 5, 3, "ddim", g))
+    assert np.array_equal(got, ref)
+    assert not np.array_equal(got, pipe(prompts, seed=4, num_frames=5, steps=3, decoder_steps=3))
+
+
 def test_guidance_one_is_the_conditional_prediction(pipe):
     shape = (2, 4, 2, 2, 2)
     cond, null = pipe.condition(["a red circle", "a blue square"], None, None, shape)

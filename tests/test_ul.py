@@ -207,6 +207,55 @@ def test_startup_chroma_weight_scales_the_error_off_the_grey_axis(k):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k,b", [(0, 4), (1, 3)])
+def test_shared_startup_pass_equals_two_separate_passes(k, b):
+    """`ul.startup_pass = shared`: one decoder call over the batch; the first k clips (0 -> B // 2)
+    carry B / k times their start-up error (x at the lowest logSNR, v -> x by hand), the rest
+    B / (B - k) times their sigmoid-weighted v-loss; each part 0 on the other's clips. The
+    reference calls the decoder separately on the two parts with the same draws."""
+    m = _startup_model("--ul.startup_pass=shared", f"--ul.startup_clips={k}", "--ul.startup_recon_weight=20",
+                       "--ul.startup_chroma_weight=2", "--ul.sigmoid_bias=1")
+    cfg, u = m.cfg, m.cfg.ul
+    x = clips(b)
+    calls = []
+    hook = m.decoder.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        terms = m.loss(x, torch.Generator().manual_seed(3), rate_scale=0.25, startup_scale=0.75)
+    hook.remove()
+    assert len(calls) == 1
+    ks = k or b // 2
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        z = m.encode(x)
+        D.sample_times(b, u.time_sampling, g), torch.randn(z.shape, generator=g)  # the prior's draws
+        z0 = m.alpha0 * z + m.sigma0 * torch.randn(z.shape, generator=g)
+        t_d = D.sample_times(b - ks, u.time_sampling, g)
+        eps_d = torch.randn(x[ks:].shape, generator=g)
+        lam_d = m.decoder_schedule.logsnr(t_d)
+        a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam_d))
+        v_hat = m.decoder(a * x[ks:] + s * eps_d, z0[ks:], lam_d)
+        w = 0.5 * (-m.decoder_schedule.dlogsnr_dt(t_d)) * torch.sigmoid(u.sigmoid_bias - lam_d)
+        dist = u.loss_factor * w * torch.sigmoid(lam_d) * ((a * eps_d - s * x[ks:] - v_hat) ** 2).sum((1, 2, 3, 4))
+        lam = torch.full((ks,), cfg.decoder.logsnr_min)
+        a2 = torch.sigmoid(lam).view(-1, 1, 1, 1, 1)
+        x_t = a2.sqrt() * x[:ks] + (1 - a2).sqrt() * torch.randn(x[:ks].shape, generator=g)
+        x_hat = a2.sqrt() * x_t - (1 - a2).sqrt() * m.decoder(x_t, z0[:ks], lam)
+        e = x[:ks] - x_hat
+        grey = e.mean(1, keepdim=True).expand_as(e)
+        err = (grey ** 2).sum((1, 2, 3, 4)) + 4 * ((e - grey) ** 2).sum((1, 2, 3, 4))
+    torch.testing.assert_close(terms.distortion[ks:], dist * b / (b - ks), rtol=1e-4, atol=1e-3)
+    assert (terms.distortion[:ks] == 0).all() and (terms.startup[ks:] == 0).all()
+    torch.testing.assert_close(terms.startup[:ks], 0.75 * 20 * 0.5 * err * b / ks, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(terms.decoder_logsnr, torch.cat([lam, lam_d]))
+    # a separate start-up pass is a second decoder call
+    sep = _startup_model("--ul.startup_pass=separate")
+    hook = sep.decoder.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        sep.loss(x, torch.Generator().manual_seed(3), startup_scale=1.0)
+    hook.remove()
+    assert len(calls) == 3
+
+
 def test_startup_options_are_validated():
     from ulvideo.config import ConfigError
     with pytest.raises(ConfigError, match="startup_clips"):
@@ -215,6 +264,8 @@ def test_startup_options_are_validated():
         load_config(None, ["--decoder.output_init_std=-0.1"])
     with pytest.raises(ConfigError):
         load_config(None, ["--ul.startup_input=ones"])
+    with pytest.raises(ConfigError, match="startup_pass"):
+        load_config(None, ["--ul.startup_pass=both"])
     with pytest.raises(ConfigError, match="startup_chroma_weight"):
         load_config(None, ["--ul.startup_chroma_weight=0"])
 

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=64, help="base-model sampler steps")
     g.add_argument("--decoder-steps", type=int, default=32)
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base-model sampler")
+    g.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default=None,
+                   help="decoder sampler (default: --sampler)")
     g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--context", help="a video whose first frames are given (frame prediction)")
     g.add_argument("--decode-from", choices=["z0", "clean"], default="z0",

@@ -96,9 +96,15 @@ class ULConfig:
     # (1 - rate scale) * w / 2 * ||x - x_hat(x_lmin, z0, lmin)||^2 nats, the decoder's prediction at
     # its lowest logSNR (where only z0 informs it) made to count. 0 = off; after the ramp: exact UL.
     startup_recon_weight: float = 0.0
-    # clips of each batch the start-up term is computed on (0 = all): it costs one more decoder
-    # pass over them, so fewer clips make a start-up step cheaper; the term is rescaled by B / k
+    # clips of each batch the start-up term is computed on (0 = all; with startup_pass shared,
+    # 0 = half): a separate pass costs one more decoder pass over them, so fewer clips make a
+    # start-up step cheaper; the term is rescaled by B / k
     startup_clips: int = 0
+    # "separate": the term's own decoder pass (over startup_clips clips); "shared": no extra pass,
+    # the first k = startup_clips clips (0 = half the batch) of the decoder's one pass are put at
+    # its lowest logSNR and carry the term, the other B - k carry the diffusion loss (each part
+    # rescaled so its batch mean stays unbiased); a start-up step then costs what a later one does
+    startup_pass: Literal["separate", "shared"] = "separate"
     # the decoder's input for the start-up term: "noise", x at the lowest logSNR (what sampling
     # starts from), or "zeros" (the MSE decoder's input)
     startup_input: Literal["noise", "zeros"] = "noise"

@@ -88,9 +88,11 @@ class Pipeline:
     def __call__(self, prompts: list[str] | None = None, *, labels: list[int] | None = None, seed: int = 0,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int = 64, decoder_steps: int = 32, sampler: str = "ddpm", guidance: float = 1.0,
-                 context: torch.Tensor | None = None, decode_from: str = "z0", progress=None) -> np.ndarray:
+                 context: torch.Tensor | None = None, decode_from: str = "z0", progress=None,
+                 decoder_sampler: str | None = None) -> np.ndarray:
         """uint8 videos (B, T, H, W, 3). `context`: clips (B, 3, T_ctx, H, W) in [-1, 1] whose first
-        `context_frames` latent frames are given (frame prediction)."""
+        `context_frames` latent frames are given (frame prediction). `sampler` is the base model's;
+        the decoder's is `decoder_sampler` (default: the same)."""
         from ulvideo.videoio import to_uint8
 
         e, d = self.stage1.cfg.encoder, self.base_cfg.data
@@ -105,7 +107,7 @@ class Pipeline:
         g = torch.Generator().manual_seed(seed)
         res = self.base.sample(shape, cond, null, guidance, steps, sampler, g, progress)
         z0 = res.z if decode_from == "z0" else self.stage1.alpha0 * res.x_pred
-        video = self.stage1.decode(z0, t, decoder_steps, sampler, g)
+        video = self.stage1.decode(z0, t, decoder_steps, decoder_sampler or sampler, g)
         return to_uint8(video)
 
 
@@ -262,7 +264,7 @@ def main_generate(args) -> int:
         ctx = context.expand(len(p or lab or [0]), *context.shape[1:]) if context is not None else None
         videos = pipe(p, labels=lab, seed=args.seed + start, num_frames=args.num_frames, steps=args.steps,
                       decoder_steps=args.decoder_steps, sampler=args.sampler, guidance=args.guidance,
-                      context=ctx, decode_from=args.decode_from)
+                      context=ctx, decode_from=args.decode_from, decoder_sampler=args.decoder_sampler)
         for v in videos:
             path = out / f"sample_{index:04d}.mp4" if several else out
             write_video(path, v)

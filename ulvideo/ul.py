@@ -152,10 +152,16 @@ class UnifiedLatents(nn.Module):
         prior = D.elbo(self.prior_denoise, z_for_prior, self.prior_schedule, self.cfg.prior.prediction,
                        generator=generator, time_sampling=u.time_sampling)
         z0 = self.noisy_latent(z_clean, generator)
-        dist, dec_logsnr = self.decoder_loss(x, z0, generator)
         startup = None
         if startup_scale > 0 and u.startup_recon_weight > 0 and self.cfg.decoder.loss == "diffusion":
-            startup = startup_scale * u.startup_recon_weight * 0.5 * self.startup_recon_error(x, z0, generator)
+            if u.startup_pass == "shared" and x.shape[0] >= 2:
+                dist, dec_logsnr, err = self.shared_startup_pass(x, z0, generator)
+            else:
+                dist, dec_logsnr = self.decoder_loss(x, z0, generator)
+                err = self.startup_recon_error(x, z0, generator)
+            startup = startup_scale * u.startup_recon_weight * 0.5 * err
+        else:
+            dist, dec_logsnr = self.decoder_loss(x, z0, generator)
         return ULTerms(prior.total, prior.diffusion, prior.terminal, u.loss_factor * dist, prior.logsnr, dec_logsnr,
                        vae_kl, u.kl_weight, startup)
 
@@ -173,19 +179,51 @@ class UnifiedLatents(nn.Module):
         b = x.shape[0]
         k = min(b, u.startup_clips or b)
         xs, zs = x[:k], z0[:k]
-        if u.startup_input == "zeros":
-            x_in = torch.zeros_like(xs)
-        else:
-            lam = torch.full((k,), self.cfg.decoder.logsnr_min, device=x.device)
-            a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
-            eps = torch.randn(xs.shape, generator=generator, device=x.device, dtype=torch.float32)
-            x_in = (a * xs.float() + s * eps).to(x.dtype)
+        x_in = self._startup_input(xs, generator)
         err = _sum(chroma_scaled(xs.float() - self._x_at_lowest_logsnr(x_in, zs), u.startup_chroma_weight))
         if k == b:
             return err
         # `ul.startup_clips` = k < B: the first k clips carry the term, scaled by B / k so the
         # batch mean is an unbiased estimate of the all-clip term
         return torch.cat([err * (b / k), err.new_zeros(b - k)])
+
+    def _startup_input(self, xs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The decoder's input for the start-up term: x at the lowest logSNR, or zeros."""
+        if self.cfg.ul.startup_input == "zeros":
+            return torch.zeros_like(xs)
+        lam = torch.full((xs.shape[0],), self.cfg.decoder.logsnr_min, device=xs.device)
+        a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
+        eps = torch.randn(xs.shape, generator=generator, device=xs.device, dtype=torch.float32)
+        return (a * xs.float() + s * eps).to(xs.dtype)
+
+    def shared_startup_pass(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None):
+        """`ul.startup_pass = shared`: the diffusion loss and the start-up error from ONE decoder pass.
+
+        The first k clips (`ul.startup_clips`, 0 = B // 2) enter at the lowest logSNR and give the
+        start-up error (scaled B / k); the other B - k give the sigmoid-weighted diffusion loss at
+        stratified times (scaled B / (B - k)); each part is 0 on the other's clips, so both batch
+        means are unbiased estimates of the all-clip terms. The network treats clips independently,
+        so this equals the two separate passes with the same draws. Draw order: the diffusion
+        clips' times and noise, then the start-up clips' noise.
+        -> (per-clip diffusion loss before the loss factor, decoder logSNRs, per-clip start-up error)
+        """
+        d, u = self.cfg.decoder, self.cfg.ul
+        b = x.shape[0]
+        k = min(b - 1, u.startup_clips or b // 2)
+        xs, xd = x[:k], x[k:]
+        t = D.sample_times(b - k, u.time_sampling, generator, x.device)
+        eps = torch.randn(xd.shape, generator=generator, device=x.device, dtype=torch.float32)
+        lam_d = self.decoder_schedule.logsnr(t)
+        xd_t = D.add_noise(xd.float(), lam_d, eps).to(x.dtype)
+        xs_in = self._startup_input(xs, generator)
+        lam_s = torch.full((k,), d.logsnr_min, device=x.device)
+        lam = torch.cat([lam_s, lam_d])
+        out = self.decoder(torch.cat([xs_in, xd_t]), z0, lam)
+        w = 0.5 * (-self.decoder_schedule.dlogsnr_dt(t)) * D.sigmoid_weight(lam_d, u.sigmoid_bias)
+        dist = w * D.eps_sq_error(out[k:], xd, eps, lam_d, d.prediction) * (b / (b - k))
+        x_hat = D.predict_x_eps(out[:k], xs_in, lam_s, d.prediction)[0]
+        err = _sum(chroma_scaled(xs.float() - x_hat, u.startup_chroma_weight)) * (b / k)
+        return torch.cat([dist.new_zeros(k), dist]), lam, torch.cat([err, err.new_zeros(b - k)])
 
     def _x_at_lowest_logsnr(self, x_t: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         """The decoder's x-prediction from x_t at its lowest logSNR (where only z0 informs it)."""
