@@ -289,6 +289,32 @@ def test_resume_is_exact_and_independent_of_workers(numbered_dir):
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batch"] == 3
 
 
+def test_decoded_cache_serves_later_epochs_with_the_same_batches(numbered_dir, monkeypatch):
+    """`data.decoded_cache_mb`: batches equal the uncached loader's across three epochs (random
+    offsets, crops and flips still applied per sample), each distinct (file, frames) is decoded
+    once, and a cache too small for two clips evicts instead of growing."""
+    import ulvideo.data.loader as L
+
+    d = cfg(numbered_dir, num_frames=1, crop="random", hflip=True, resolution=40)  # 20 offsets per file
+    d_same = cfg(numbered_dir, crop="random", hflip=True, resolution=40)  # centre offset: one per file
+    plain = take(build_loader(d_same, micro_batch_size=3, seed=7), 12)  # 3 epochs of 4 batches
+    calls = []
+    real = L.read_frames
+    monkeypatch.setattr(L, "read_frames", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cached_loader = build_loader(dataclasses.replace(d_same, decoded_cache_mb=1), micro_batch_size=3, seed=7)
+    cached = take(cached_loader, 12)
+    for a, b in zip(plain, cached):
+        assert a["source"] == b["source"]
+        torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
+    assert len(calls) == len(set(calls)) == 12  # every file once, in the first epoch
+    cache = cached_loader.dataset.cache
+    assert cache.hits == 24 and cache.misses == 12 and cache.bytes == 12 * 5 * 32 * 32 * 3  # decoded at the native 32x32
+    # random offsets: keys are (file, frames); a cache of < 2 clips holds at most one
+    small = build_loader(dataclasses.replace(d, decoded_cache_mb=1.5 * 32 * 32 * 3 / 2**20), micro_batch_size=3, seed=7)
+    take(small, 4)
+    assert len(small.dataset.cache.items) == 1 and small.dataset.cache.bytes <= small.dataset.cache.limit
+
+
 def test_ranks_are_disjoint_and_heldout_is_separate(numbered_dir):
     d = cfg(numbered_dir, heldout_fraction=0.25)
     per_rank = []

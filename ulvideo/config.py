@@ -157,6 +157,9 @@ class DataConfig:
     missing_caption: Literal["empty", "skip"] = "empty"
     backend: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"
     num_workers: int = 0
+    # decoded frames kept per loading process (LRU, MiB; 0 = off): a small dataset is decoded in
+    # its first epoch only (loader workers live for the whole run)
+    decoded_cache_mb: float = 0.0
     heldout_fraction: float = 0.0  # files held out for evaluation (by a hash of the path)
 
 
@@ -385,6 +388,8 @@ def validate(cfg: Config) -> None:
     w = cfg.decoder.temporal_window
     if w is not None and (isinstance(w, bool) or w < 1):
         raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")
+    if d.decoded_cache_mb < 0:
+        raise ConfigError(f"data.decoded_cache_mb = {d.decoded_cache_mb} must be >= 0 (0 = off)")
     if cfg.ul.startup_clips < 0:
         raise ConfigError(f"ul.startup_clips = {cfg.ul.startup_clips} must be >= 0 (0 = every clip of the batch)")
     if cfg.decoder.output_init_std < 0:

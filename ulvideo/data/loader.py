@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ def resize_crop(frames: np.ndarray, height: int, width: int, resolution: int, u_
     """uint8 (T, h, w, 3) -> uint8 (T, height, width, 3): resize the short side to `resolution`
     (or more, so the crop fits; bilinear with antialiasing), crop (u = None: centred, else the
     offset is drawn from u in [0, 1)), then mirror left-right if `flip`."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, h, w)
+    own = frames if frames.flags.writeable and frames.flags.c_contiguous else np.array(frames)  # cached: read-only
+    x = torch.from_numpy(own).permute(0, 3, 1, 2)  # (T, 3, h, w)
     h, w = x.shape[-2:]
     scale = max(resolution / min(h, w), height / h, width / w)
     rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
@@ -47,16 +49,57 @@ def resize_crop(frames: np.ndarray, height: int, width: int, resolution: int, u_
     return x.permute(0, 2, 3, 1).contiguous()
 
 
+class DecodedCache:
+    """LRU of decoded frame arrays up to `mb` MiB (0 = off), one per loading process. Entries are
+    read-only, so a cached clip cannot be changed by whoever holds it."""
+
+    def __init__(self, mb: float = 0.0):
+        self.limit = int(mb * 2**20)
+        self.items: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, key):
+        if not self.limit:
+            return None
+        frames = self.items.get(key)
+        if frames is None:
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        self.hits += 1
+        return frames
+
+    def put(self, key, frames: np.ndarray) -> None:
+        if not self.limit or frames.nbytes > self.limit or key in self.items:
+            return
+        frames = np.array(frames)  # own copy
+        frames.flags.writeable = False
+        self.items[key] = frames
+        self.bytes += frames.nbytes
+        while self.bytes > self.limit:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by `Request`s: what a worker runs for one sample."""
 
     def __init__(self, entries: list[Entry], planner: Planner, spec: ClipSpec, *, height: int, width: int,
                  resolution: int, crop: str, hflip: bool, temporal_offset: str, backend: str, seed: int,
-                 threads: int = 0):
+                 threads: int = 0, cache_mb: float = 0.0):
         self.entries, self.planner, self.spec = entries, planner, spec
         self.height, self.width, self.resolution = height, width, resolution
         self.random_crop, self.hflip, self.random_offset = crop == "random", hflip, temporal_offset == "random"
         self.backend, self.seed, self.threads = backend, seed, threads
+        self.cache = DecodedCache(cache_mb)
+
+    def _read(self, e: Entry, idx: np.ndarray) -> np.ndarray:
+        key = (e.path, e.rotation, idx.tobytes())
+        frames = self.cache.get(key)
+        if frames is None:
+            frames = read_frames(e.path, idx, self.backend, rotation=e.rotation, threads=self.threads)
+            self.cache.put(key, frames)
+        return frames
 
     def _load(self, e: Entry, req: Request) -> torch.Tensor:
         u = rng_for(self.seed, TAG_CLIP, req.epoch, req.index, req.slot).random(4)
@@ -65,7 +108,7 @@ class ClipDataset(torch.utils.data.Dataset):
             frames = read_image(e.path)
         else:
             idx = frame_indices(self.spec, e.first, e.count, e.fps, u[0] if train and self.random_offset else None)
-            frames = read_frames(e.path, idx, self.backend, rotation=e.rotation, threads=self.threads)
+            frames = self._read(e, np.asarray(idx, dtype=np.int64))
         rc = train and self.random_crop
         return resize_crop(frames, self.height, self.width, self.resolution, u[1] if rc else None,
                            u[2] if rc else None, bool(train and self.hflip and u[3] < 0.5))
@@ -240,7 +283,7 @@ def build_loader(data_cfg, *, micro_batch_size: int, seed: int, rank: int = 0, w
     else:
         dataset = ClipDataset(entries, planner, spec, height=d.height, width=d.width, resolution=d.resolution,
                               crop=d.crop, hflip=d.hflip, temporal_offset=d.temporal_offset, backend=d.backend,
-                              seed=seed, threads=1 if d.num_workers else 0)
+                              seed=seed, threads=1 if d.num_workers else 0, cache_mb=d.decoded_cache_mb)
     if split == "train" and planner.batches_per_epoch() == 0:
         raise DataError(f"data.path '{d.path}': no batches for rank {rank} of {world_size}")
     log.info("data: %d %s clips (%s), %d batches per epoch on this rank; skipped: %s", len(entries), split,
