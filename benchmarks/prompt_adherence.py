@@ -63,7 +63,8 @@ def main() -> None:
     p.add_argument("--decoder-steps", type=int, default=32)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base-model sampler")
-    p.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default="ddim",
+                   help="decoder sampler (DDIM keeps the corners that tell the shapes apart)")
     p.add_argument("--out", default="benchmarks/results/prompt_adherence.json")
     args = p.parse_args()
     t_start = time.time()

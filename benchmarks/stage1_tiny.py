@@ -47,7 +47,11 @@ def main() -> None:
     p.add_argument("--curve", action="store_true",
                    help="also score every intermediate export (exports/ul_step_*) on the held-out clips")
     p.add_argument("overrides", nargs="*", help="extra --a.b=v config overrides")
-    args = p.parse_args()
+    args, extra = p.parse_known_args()
+    bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --a.b=v)")
+    args.overrides = list(args.overrides) + extra
 
     from ulvideo.config import load_config
 
