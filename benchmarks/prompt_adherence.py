@@ -1,6 +1,8 @@
 """Prompt adherence at CPU scale: tiny stage 1 + stage 2 on the shapes data, scored by the measurer.
 
-    python benchmarks/prompt_adherence.py [--stage1-steps N] [--base-steps 3000] [--clips 112]
+    python benchmarks/prompt_adherence.py [--stage1-steps N] [--base-steps 3000] [--clips 112] [--a.b=v ...]
+
+(`--a.b=v`: overrides of the base model's config, configs/base/tiny.yaml)
 
 1. stage 1 (configs/ul/tiny.yaml) — reused when its run dir already holds an export at >= the steps;
 2. `ulvideo encode --data` -> latent shards with cached MiniLM text embeddings;
@@ -66,7 +68,10 @@ def main() -> None:
     p.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default="ddim",
                    help="decoder sampler (DDIM keeps the corners that tell the shapes apart)")
     p.add_argument("--out", default="benchmarks/results/prompt_adherence.json")
-    args = p.parse_args()
+    args, base_overrides = p.parse_known_args()
+    bad = [a for a in base_overrides if not (a.startswith("--") and "=" in a)]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (base-model config overrides are --a.b=v)")
     t_start = time.time()
     if args.stage1_steps is None:
         from ulvideo.config import load_config
@@ -80,7 +85,7 @@ def main() -> None:
     shards = ROOT / (args.data.rstrip("/") + "_latents")
     sh("encode", "--export", str(export1), "--data", str(data), "--out", str(shards))
     sh("train", "configs/base/tiny.yaml", "--run-dir", str(base), f"--base.stage1_export={export1}",
-       f"--data.path={shards}", f"--train.steps={args.base_steps}")
+       f"--data.path={shards}", f"--train.steps={args.base_steps}", *base_overrides)
     train_s = time.time() - t_start
 
     from ulvideo.data import build_loader
@@ -97,7 +102,7 @@ def main() -> None:
     result = {"what": "prompt_adherence", "stage1_steps": export_step(s1), "base_steps": export_step(base),
               "heldout_combinations": held, "sampler": args.sampler, "decoder_sampler": args.decoder_sampler,
               "steps": args.steps, "decoder_steps": args.decoder_steps,
-              "guidance": args.guidance, "decode_from": "z0",
+              "guidance": args.guidance, "decode_from": "z0", "base_overrides": base_overrides,
               "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS)},
               "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7}}
     gen_t0 = time.time()

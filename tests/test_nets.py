@@ -228,6 +228,30 @@ def test_logsnr_conditioning_matters(decoder):
     assert (decoder(x, z, a) - decoder(x, latent(2, 2, 2, 2, seed=5), a)).abs().max() > 1e-3
 
 
+def test_pooled_text_is_the_masked_mean_of_the_prompt_tokens():
+    """`base.text_pooled`: the masked mean of the token embeddings feeds `text_pool`; padded
+    tokens change nothing, a fully masked prompt is still the null prompt, and the path matters."""
+    base = make_base(text_pooled=True)
+    z, logsnr = latent(2, 3, 2, 2), torch.tensor([1.0, -1.0])
+    text = torch.randn(2, 4, TEXT_DIM)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    seen = []
+    hook = base.text_pool.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    out = base(z, logsnr, text_emb=text, text_mask=mask)
+    hook.remove()
+    ref = torch.stack([text[0, :2].mean(0), text[1, :3].mean(0)])
+    torch.testing.assert_close(seen[0], ref)
+    text2 = text.clone()
+    text2[0, 2:], text2[1, 3:] = 100.0, -100.0
+    torch.testing.assert_close(base(z, logsnr, text_emb=text2, text_mask=mask), out)
+    torch.testing.assert_close(base(z, logsnr, text_emb=text, text_mask=torch.zeros_like(mask)), base(z, logsnr))
+    with torch.no_grad():
+        base.text_pool[1].weight.zero_()
+        base.text_pool[1].bias.zero_()
+    assert (base(z, logsnr, text_emb=text, text_mask=mask) - out).abs().max() > 1e-3
+    assert not hasattr(make_base(), "text_pool")
+
+
 def test_conditioning_changes_base_model_output():
     base = make_base()
     z, logsnr = latent(2, 3, 2, 2), torch.tensor([1.0, -1.0])

@@ -127,6 +127,9 @@ class BaseConfig:
     sigmoid_bias: float = 0.0  # b_base
     text_encoder: str = "minilm"  # "minilm", "none", or a local Hugging Face folder
     text_max_tokens: int = 32
+    # also add the prompt's masked-mean token embedding (what a sentence encoder such as MiniLM is
+    # trained to compare) to the logSNR conditioning, beside the cross-attention to its tokens
+    text_pooled: bool = False
     num_classes: int = 0
     context_frames: int = 0  # latent frames given as clean conditioning (frame prediction)
     cond_dropout: float = 0.1  # CFG dropout probability
