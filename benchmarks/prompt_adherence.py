@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _runs import logged_step_seconds, parse_with_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,21 +37,6 @@ def sh(*args: str) -> None:
 def export_step(run: Path) -> int:
     meta = run / "exports" / "latest.json"
     return json.loads(meta.read_text())["meta"]["step"] if meta.is_file() else -1
-
-
-def logged_step_seconds(run: Path) -> float:
-    """Seconds spent in training steps, from the throughput each log line records (counts a run
-    trained by an earlier call too, so a reused stage 1 still shows in the total)."""
-    from ulvideo.config import load_config
-
-    batch = load_config(run / "config.yaml").train.global_batch_size
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r.get("clips_per_s", 0) > 0]
-    seconds, prev = 0.0, 0
-    for r in rows:
-        seconds += max(0, r["step"] - prev) * batch / r["clips_per_s"]
-        prev = r["step"]
-    return seconds
 
 
 def main() -> None:
@@ -68,10 +55,7 @@ def main() -> None:
     p.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default="ddim",
                    help="decoder sampler (DDIM keeps the corners that tell the shapes apart)")
     p.add_argument("--out", default="benchmarks/results/prompt_adherence.json")
-    args, base_overrides = p.parse_known_args()
-    bad = [a for a in base_overrides if not (a.startswith("--") and "=" in a)]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)} (base-model config overrides are --a.b=v)")
+    args, base_overrides = parse_with_overrides(p)
     t_start = time.time()
     if args.stage1_steps is None:
         from ulvideo.config import load_config

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _runs import logged_step_seconds, parse_with_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,10 +49,7 @@ def main() -> None:
     p.add_argument("--curve", action="store_true",
                    help="also score every intermediate export (exports/ul_step_*) on the held-out clips")
     p.add_argument("overrides", nargs="*", help="extra --a.b=v config overrides")
-    args, extra = p.parse_known_args()
-    bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --a.b=v)")
+    args, extra = parse_with_overrides(p)
     args.overrides = list(args.overrides) + extra
 
     from ulvideo.config import load_config
@@ -68,9 +67,7 @@ def main() -> None:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "clips_per_s" in r]
     clips_per_s = float(np.median([r["clips_per_s"] for r in train_rows[len(train_rows) // 2:]])) if train_rows else float("nan")
-    # time in training steps from the logged throughput (counts every call of a resumed run)
-    batch, every = cfg.train.global_batch_size, cfg.train.log_every
-    steps_s = sum(min(every, r["step"]) * batch / r["clips_per_s"] for r in train_rows if r["clips_per_s"] > 0)
+    steps_s = logged_step_seconds(run)
 
     from ulvideo.evaluation import score_shapes_reconstructions
     from ulvideo.generate import load_stage1

@@ -153,6 +153,27 @@ def _startup_model(*overrides):
     return m
 
 
+def _startup_pair(*overrides):
+    """(the zero-input start-up model, the same weights with `overrides`), clips and their z0."""
+    plain = _startup_model("--ul.startup_input=zeros")
+    other = _startup_model("--ul.startup_input=zeros", *overrides)
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+def _z0(m, x):
+    return m.noisy_latent(m.encode(x), torch.Generator().manual_seed(5))
+
+
+def _grey_chroma_sq(e, k):
+    """||P e||^2 + k^2 ||(I - P) e||^2 per clip, P the projection onto the grey axis (1, 1, 1)/sqrt(3)."""
+    g = torch.full((3, 1), 3 ** -0.5)
+    P = g @ g.T
+    grey = torch.einsum("ij,bj...->bi...", P, e)
+    chroma = torch.einsum("ij,bj...->bi...", torch.eye(3) - P, e)
+    return (grey ** 2).sum((1, 2, 3, 4)) + k**2 * (chroma ** 2).sum((1, 2, 3, 4))
+
+
 def test_startup_from_zeros_is_the_mse_decoders_error():
     """`ul.startup_input = zeros`: the term's x_hat is the MSE decoder's prediction (all-zero input)."""
     m = _startup_model("--ul.startup_input=zeros")
@@ -169,12 +190,10 @@ def test_startup_on_k_clips_is_rescaled_and_unbiased(k):
     """`ul.startup_clips = k`: clips k.. carry 0, the first k carry B / k times their own error
     (the all-clip term's values for them: deterministic with the zero input), so the batch mean
     is unchanged in expectation over which clips come first."""
-    full = _startup_model("--ul.startup_input=zeros")
-    part = _startup_model("--ul.startup_input=zeros", f"--ul.startup_clips={k}")
-    part.load_state_dict(full.state_dict())
+    full, part = _startup_pair(f"--ul.startup_clips={k}")
     x = clips(4)
     with torch.no_grad():
-        z0 = full.noisy_latent(full.encode(x), torch.Generator().manual_seed(5))
+        z0 = _z0(full, x)
         ref = full.startup_recon_error(x, z0)
         got = part.startup_recon_error(x, z0)
     torch.testing.assert_close(got[:k], ref[:k] * 4 / k, rtol=1e-5, atol=1e-4)
@@ -190,18 +209,11 @@ def test_startup_on_k_clips_is_rescaled_and_unbiased(k):
 def test_startup_chroma_weight_scales_the_error_off_the_grey_axis(k):
     """`ul.startup_chroma_weight = k`: with P the projection onto the grey axis (1, 1, 1)/sqrt(3),
     the term is ||P e||^2 + k^2 ||(I - P) e||^2 per clip, e = x - x_hat (all-zero input: deterministic)."""
-    plain = _startup_model("--ul.startup_input=zeros")
-    weighted = _startup_model("--ul.startup_input=zeros", f"--ul.startup_chroma_weight={k}")
-    weighted.load_state_dict(plain.state_dict())
+    plain, weighted = _startup_pair(f"--ul.startup_chroma_weight={k}")
     x = clips(3)
     with torch.no_grad():
-        z0 = plain.noisy_latent(plain.encode(x), torch.Generator().manual_seed(5))
-        e = x - plain._mse_decode(z0, x.shape[2])
-        g = torch.full((3, 1), 3 ** -0.5)
-        P = g @ g.T
-        grey = torch.einsum("ij,bj...->bi...", P, e)
-        chroma = torch.einsum("ij,bj...->bi...", torch.eye(3) - P, e)
-        ref = (grey ** 2).sum((1, 2, 3, 4)) + k**2 * (chroma ** 2).sum((1, 2, 3, 4))
+        z0 = _z0(plain, x)
+        ref = _grey_chroma_sq(x - plain._mse_decode(z0, x.shape[2]), k)
         got = weighted.startup_recon_error(x, z0)
         assert not torch.allclose(got, plain.startup_recon_error(x, z0))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
@@ -240,9 +252,7 @@ def test_shared_startup_pass_equals_two_separate_passes(k, b):
         a2 = torch.sigmoid(lam).view(-1, 1, 1, 1, 1)
         x_t = a2.sqrt() * x[:ks] + (1 - a2).sqrt() * torch.randn(x[:ks].shape, generator=g)
         x_hat = a2.sqrt() * x_t - (1 - a2).sqrt() * m.decoder(x_t, z0[:ks], lam)
-        e = x[:ks] - x_hat
-        grey = e.mean(1, keepdim=True).expand_as(e)
-        err = (grey ** 2).sum((1, 2, 3, 4)) + 4 * ((e - grey) ** 2).sum((1, 2, 3, 4))
+        err = _grey_chroma_sq(x[:ks] - x_hat, 2)
     torch.testing.assert_close(terms.distortion[ks:], dist * b / (b - ks), rtol=1e-4, atol=1e-3)
     assert (terms.distortion[:ks] == 0).all() and (terms.startup[ks:] == 0).all()
     torch.testing.assert_close(terms.startup[:ks], 0.75 * 20 * 0.5 * err * b / ks, rtol=1e-4, atol=1e-3)

@@ -152,16 +152,13 @@ class UnifiedLatents(nn.Module):
         prior = D.elbo(self.prior_denoise, z_for_prior, self.prior_schedule, self.cfg.prior.prediction,
                        generator=generator, time_sampling=u.time_sampling)
         z0 = self.noisy_latent(z_clean, generator)
-        startup = None
-        if startup_scale > 0 and u.startup_recon_weight > 0 and self.cfg.decoder.loss == "diffusion":
-            if u.startup_pass == "shared" and x.shape[0] >= 2:
-                dist, dec_logsnr, err = self.shared_startup_pass(x, z0, generator)
-            else:
-                dist, dec_logsnr = self.decoder_loss(x, z0, generator)
-                err = self.startup_recon_error(x, z0, generator)
-            startup = startup_scale * u.startup_recon_weight * 0.5 * err
+        startup_on = startup_scale > 0 and u.startup_recon_weight > 0 and self.cfg.decoder.loss == "diffusion"
+        if startup_on and u.startup_pass == "shared" and x.shape[0] >= 2:
+            dist, dec_logsnr, err = self.shared_startup_pass(x, z0, generator)
         else:
             dist, dec_logsnr = self.decoder_loss(x, z0, generator)
+            err = self.startup_recon_error(x, z0, generator) if startup_on else None
+        startup = None if err is None else startup_scale * u.startup_recon_weight * 0.5 * err
         return ULTerms(prior.total, prior.diffusion, prior.terminal, u.loss_factor * dist, prior.logsnr, dec_logsnr,
                        vae_kl, u.kl_weight, startup)
 
@@ -180,12 +177,15 @@ class UnifiedLatents(nn.Module):
         k = min(b, u.startup_clips or b)
         xs, zs = x[:k], z0[:k]
         x_in = self._startup_input(xs, generator)
-        err = _sum(chroma_scaled(xs.float() - self._x_at_lowest_logsnr(x_in, zs), u.startup_chroma_weight))
-        if k == b:
-            return err
-        # `ul.startup_clips` = k < B: the first k clips carry the term, scaled by B / k so the
-        # batch mean is an unbiased estimate of the all-clip term
-        return torch.cat([err * (b / k), err.new_zeros(b - k)])
+        return self._startup_error(xs, self._x_at_lowest_logsnr(x_in, zs), b)
+
+    def _startup_error(self, xs: torch.Tensor, x_hat: torch.Tensor, b: int) -> torch.Tensor:
+        """Per-clip chroma-scaled squared error of the first k = len(xs) clips of a batch of b. For
+        k < b those clips carry the term, scaled by b / k so the batch mean is an unbiased estimate
+        of the all-clip term, and the others carry 0."""
+        k = xs.shape[0]
+        err = _sum(chroma_scaled(xs.float() - x_hat, self.cfg.ul.startup_chroma_weight))
+        return err if k == b else torch.cat([err * (b / k), err.new_zeros(b - k)])
 
     def _startup_input(self, xs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The decoder's input for the start-up term: x at the lowest logSNR, or zeros."""
@@ -213,17 +213,20 @@ class UnifiedLatents(nn.Module):
         xs, xd = x[:k], x[k:]
         t = D.sample_times(b - k, u.time_sampling, generator, x.device)
         eps = torch.randn(xd.shape, generator=generator, device=x.device, dtype=torch.float32)
-        lam_d = self.decoder_schedule.logsnr(t)
-        xd_t = D.add_noise(xd.float(), lam_d, eps).to(x.dtype)
         xs_in = self._startup_input(xs, generator)
         lam_s = torch.full((k,), d.logsnr_min, device=x.device)
-        lam = torch.cat([lam_s, lam_d])
-        out = self.decoder(torch.cat([xs_in, xd_t]), z0, lam)
-        w = 0.5 * (-self.decoder_schedule.dlogsnr_dt(t)) * D.sigmoid_weight(lam_d, u.sigmoid_bias)
-        dist = w * D.eps_sq_error(out[k:], xd, eps, lam_d, d.prediction) * (b / (b - k))
-        x_hat = D.predict_x_eps(out[:k], xs_in, lam_s, d.prediction)[0]
-        err = _sum(chroma_scaled(xs.float() - x_hat, u.startup_chroma_weight)) * (b / k)
-        return torch.cat([dist.new_zeros(k), dist]), lam, torch.cat([err, err.new_zeros(b - k)])
+        start = {}
+
+        def denoise(xd_t, lam_d):  # one decoder call; the start-up clips' output is kept aside
+            out = self.decoder(torch.cat([xs_in, xd_t]), z0, torch.cat([lam_s, lam_d]))
+            start["out"] = out[:k]
+            return out[k:]
+
+        dist, lam_d = D.sigmoid_weighted_loss(denoise, xd, self.decoder_schedule, d.prediction, u.sigmoid_bias,
+                                              t=t, eps=eps)
+        x_hat = D.predict_x_eps(start["out"], xs_in, lam_s, d.prediction)[0]
+        return (torch.cat([dist.new_zeros(k), dist * (b / (b - k))]), torch.cat([lam_s, lam_d]),
+                self._startup_error(xs, x_hat, b))
 
     def _x_at_lowest_logsnr(self, x_t: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         """The decoder's x-prediction from x_t at its lowest logSNR (where only z0 informs it)."""

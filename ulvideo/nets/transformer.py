@@ -322,8 +322,8 @@ class LatentTransformer(nn.Module):
                     valid = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask], dim=1)
                     mask = key_padding_mask(valid)
                 if self.text_pooled:
-                    m = (torch.ones(text_emb.shape[:2], device=text_emb.device) if text_mask is None
-                         else text_mask.to(text_emb.dtype))
+                    m = (torch.ones(text_emb.shape[:2], dtype=text_emb.dtype, device=text_emb.device)
+                         if text_mask is None else text_mask.to(text_emb.dtype))
                     n = m.sum(1, keepdim=True)
                     pooled = (text_emb * m[..., None]).sum(1) / n.clamp(min=1)
                     # a fully masked prompt adds nothing: it stays the null prompt
