@@ -383,3 +383,35 @@ def test_decoder_output_init(std):
         assert abs(w.std().item() / std - 1) < 0.1
         r, g, b = out.unbind(1)
         assert (r - b).abs().mean() > 0.1 * out.abs().mean() and (r - g).abs().mean() > 0.1 * out.abs().mean()
+
+
+@pytest.mark.parametrize("channels,groups", [(16, 4), (12, 3), (64, None)])
+def test_frame_group_norm_is_group_norm_of_each_frame(channels, groups):
+    """Each frame normalised on its own (torch's GroupNorm over (C/G, H, W) of that frame), affine
+    per channel; values and gradients, with frames of very different scales."""
+    from ulvideo.nets.layers import FrameGroupNorm
+
+    torch.manual_seed(0)
+    norm = FrameGroupNorm(channels, groups=groups)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    g = norm.groups
+    scale = torch.tensor([0.01, 1.0, 30.0, 2.0, 0.5]).view(1, 1, 5, 1, 1)
+    x = (torch.randn(2, channels, 5, 6, 7) * scale + 3.0).requires_grad_()
+    w = torch.randn(2, channels, 5, 6, 7)
+    y = norm(x)
+    # reference in float64: a frame at scale 0.01 around 3 loses ~1e-5 to float32 rounding either way
+    xd = x.detach().double().requires_grad_()
+    wd, bd = norm.weight.detach().double().requires_grad_(), norm.bias.detach().double()
+    ref = torch.stack([torch.nn.functional.group_norm(xd[:, :, f], g, wd, bd, eps=norm.eps)
+                       for f in range(x.shape[2])], dim=2)
+    torch.testing.assert_close(y, ref.float(), rtol=1e-4, atol=1e-4)
+    gx, gw = torch.autograd.grad((y * w).sum(), (x, norm.weight))
+    rx, rw = torch.autograd.grad((ref * w.double()).sum(), (xd, wd))
+    torch.testing.assert_close(gx, rx.float(), rtol=1e-3, atol=1e-3 * rx.abs().max().item())
+    torch.testing.assert_close(gw, rw.float(), rtol=1e-4, atol=1e-3)
+    # a later frame changes nothing in earlier frames' outputs
+    x2 = x.detach().clone()
+    x2[:, :, 3:] = torch.randn_like(x2[:, :, 3:]) * 100
+    torch.testing.assert_close(norm(x2)[:, :, :3], y.detach()[:, :, :3])

