@@ -278,6 +278,8 @@ def test_startup_options_are_validated():
         load_config(None, ["--ul.startup_pass=both"])
     with pytest.raises(ConfigError, match="startup_chroma_weight"):
         load_config(None, ["--ul.startup_chroma_weight=0"])
+    with pytest.raises(ConfigError, match="startup_fade_steps"):
+        load_config(None, ["--ul.startup_fade_steps=-1"])
 
 
 def test_startup_scale_fades_as_the_rate_ramps_in():
@@ -400,3 +402,23 @@ def test_mse_decoder_baseline():
     with torch.no_grad():
         ref = 2.0 * ((x - m._mse_decode(z0_loss)) ** 2).sum((1, 2, 3, 4)) / (2 * 0.25)
     torch.testing.assert_close(terms.distortion, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_startup_term_keeps_its_own_schedule(monkeypatch):
+    """`ul.startup_hold_steps` / `startup_fade_steps`: scale 1, a linear fade, then 0, whatever the
+    rate does; the scale the loss receives is the one logged."""
+    from ulvideo.objectives import StageOne
+
+    cfg = load_config(None, ["--ul.rate_hold_steps=10", "--ul.rate_ramp_steps=20", "--ul.startup_recon_weight=1",
+                             "--ul.startup_hold_steps=4", "--ul.startup_fade_steps=4"])
+    obj = StageOne(cfg)
+    scales = [obj.log_constants(s)["startup_recon_scale"] for s in range(40)]
+    assert scales == pytest.approx([1.0] * 4 + [0.75, 0.5, 0.25] + [0.0] * 33)
+    assert [obj.log_constants(s)["rate_grad_scale"] for s in range(11)] == [0.0] * 10 + [pytest.approx(0.05)]
+    seen = []
+    real = obj.model.loss
+    monkeypatch.setattr(obj.model, "loss", lambda x, g, r, startup_scale: seen.append((r, startup_scale)) or real(x, g, r, startup_scale))
+    batch = {"video": clips(b=2, t=5)}
+    for step in (3, 5, 12):
+        obj(batch, torch.Generator().manual_seed(0), step)
+    assert seen == [(0.0, 1.0), (0.0, pytest.approx(0.5)), (pytest.approx(0.15), 0.0)]

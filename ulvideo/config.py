@@ -96,6 +96,11 @@ class ULConfig:
     # (1 - rate scale) * w / 2 * ||x - x_hat(x_lmin, z0, lmin)||^2 nats, the decoder's prediction at
     # its lowest logSNR (where only z0 informs it) made to count. 0 = off; after the ramp: exact UL.
     startup_recon_weight: float = 0.0
+    # its own schedule (None = the rate's): scale 1 for startup_hold_steps, then a linear fade to 0
+    # over startup_fade_steps. Ending it before the rate ramps in leaves the decoder's diffusion
+    # loss steps without the term (its gradient dominates the decoder's while it is on)
+    startup_hold_steps: int | None = None
+    startup_fade_steps: int | None = None
     # clips of each batch the start-up term is computed on (0 = all; with startup_pass shared,
     # 0 = half): a separate pass costs one more decoder pass over them, so fewer clips make a
     # start-up step cheaper; the term is rescaled by B / k
@@ -399,6 +404,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"decoder.output_init_std = {cfg.decoder.output_init_std} must be >= 0")
     if cfg.ul.startup_chroma_weight <= 0:
         raise ConfigError(f"ul.startup_chroma_weight = {cfg.ul.startup_chroma_weight} must be > 0 (1 = plain squared error)")
+    for name in ("startup_hold_steps", "startup_fade_steps"):
+        if getattr(cfg.ul, name) is not None and getattr(cfg.ul, name) < 0:
+            raise ConfigError(f"ul.{name} = {getattr(cfg.ul, name)} must be >= 0 (or null: the rate's schedule)")
     if cfg.ul.startup_recon_weight < 0:
         raise ConfigError(f"ul.startup_recon_weight = {cfg.ul.startup_recon_weight} must be >= 0")
     if not 0.0 <= d.image_ratio <= 1.0:

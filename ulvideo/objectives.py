@@ -65,10 +65,16 @@ class StageOne(Objective):
     def rate_scale(self, step: int) -> float:
         return rate_gradient_scale(step, self.cfg.ul.rate_hold_steps, self.cfg.ul.rate_ramp_steps)
 
+    def startup_scale(self, step: int) -> float:
+        """1 - the rate's scale, or the term's own hold and fade (`ul.startup_hold_steps`, `_fade_steps`)."""
+        u = self.cfg.ul
+        hold = u.rate_hold_steps if u.startup_hold_steps is None else u.startup_hold_steps
+        fade = u.rate_ramp_steps if u.startup_fade_steps is None else u.startup_fade_steps
+        return 1.0 - rate_gradient_scale(step, hold, fade)
+
     def forward(self, batch: dict, generator: torch.Generator, step: int):
         x = batch["video"].to(next(self.model.parameters()).dtype)
-        rate_scale = self.rate_scale(step)
-        terms = self.model.loss(x, generator, rate_scale, startup_scale=1.0 - rate_scale)
+        terms = self.model.loss(x, generator, self.rate_scale(step), startup_scale=self.startup_scale(step))
         _, _, t, h, w = x.shape
         pixels = t * h * w
         # both terms are per-clip sums; their sum is divided by ONE common constant (pixels per clip)
@@ -93,7 +99,7 @@ class StageOne(Objective):
 
     def log_constants(self, step: int) -> dict[str, float]:
         u = self.cfg.ul
-        return {"rate_grad_scale": self.rate_scale(step), "startup_recon_scale": 1.0 - self.rate_scale(step),
+        return {"rate_grad_scale": self.rate_scale(step), "startup_recon_scale": self.startup_scale(step),
                 "latent_logsnr": u.latent_logsnr,
                 "prior_logsnr_min": u.prior_logsnr_min, "loss_factor": u.loss_factor, "sigmoid_bias": u.sigmoid_bias}
 
