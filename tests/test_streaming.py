@@ -312,17 +312,37 @@ def test_sampler_step_is_diffusion_sample(model):
     torch.testing.assert_close(zz, ddim, atol=1e-6, rtol=1e-6)
 
 
-def test_decode_full_is_the_model_sampler(model):
-    # DDIM from the same initial noise through diffusion.sample and the model's own denoiser
+@pytest.mark.parametrize("end", [None, 0.0])
+def test_decode_full_is_the_model_sampler(model, end, monkeypatch):
+    # DDIM from the same initial noise through diffusion.sample and the model's own denoiser, up to
+    # lambda_max or to decoder.sample_logsnr_end, then the clean prediction there
+    monkeypatch.setattr(model.cfg.decoder, "sample_logsnr_end", end)
     z0, steps = latents(2, seed=4), 3
     ours = S.decode_full(model, z0, steps, "ddim", seed=2)
     x_init = S.clip_noise(2, S.NOISE_INIT, 0, 0, (1, 3, 5, 16, 16))
-    res = D.sample(model.decoder_denoise(z0), x_init, D.sampling_logsnrs(model.decoder_schedule, steps),
+    stop = model.decoder_schedule.logsnr_max if end is None else end
+    res = D.sample(model.decoder_denoise(z0), x_init, D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=stop),
                    model.cfg.decoder.prediction, "ddim", clip_x=1.0)
-    last = torch.full((1,), model.decoder_schedule.logsnr_max)
+    last = torch.full((1,), stop)
     ref = D.predict_x_eps(model.decoder(res.z, z0, last), res.z, last, model.cfg.decoder.prediction)[0].clamp(-1, 1)
     torch.testing.assert_close(ours, ref, **TOL)
     assert ours.std() > 0.05
+    # the one-pass model decoder stops at the same place
+    g = torch.Generator().manual_seed(3)
+    x_g = torch.randn((1, 3, 5, 16, 16), generator=torch.Generator().manual_seed(3))
+    res = D.sample(model.decoder_denoise(z0), x_g, D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=stop),
+                   model.cfg.decoder.prediction, "ddim", clip_x=1.0)
+    ref = D.predict_x_eps(model.decoder(res.z, z0, last), res.z, last, model.cfg.decoder.prediction)[0].clamp(-1, 1)
+    torch.testing.assert_close(model.decode(z0, steps=steps, sampler="ddim", generator=g), ref, **TOL)
+
+
+def test_decode_stopping_early_streams_like_one_pass(model, monkeypatch):
+    monkeypatch.setattr(model.cfg.decoder, "sample_logsnr_end", -2.0)
+    z0 = latents(4, seed=5)
+    full = S.decode_full(model, z0, steps=2, sampler="ddpm", seed=1)
+    torch.testing.assert_close(S.decode(model, z0, 4, first=1, steps=2, sampler="ddpm", seed=1), full, **TOL)
+    monkeypatch.setattr(model.cfg.decoder, "sample_logsnr_end", None)
+    assert (S.decode_full(model, z0, steps=2, sampler="ddpm", seed=1) - full).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("sampler,order", [("ddpm", "chunk"), ("ddpm", "step"), ("ddim", "chunk")])

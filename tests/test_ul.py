@@ -280,6 +280,10 @@ def test_startup_options_are_validated():
         load_config(None, ["--ul.startup_chroma_weight=0"])
     with pytest.raises(ConfigError, match="startup_fade_steps"):
         load_config(None, ["--ul.startup_fade_steps=-1"])
+    with pytest.raises(ConfigError, match="sample_logsnr_end"):
+        load_config(None, ["--decoder.sample_logsnr_end=-15"])
+    with pytest.raises(ConfigError, match="sample_logsnr_end"):
+        load_config(None, ["--decoder.sample_logsnr_end=16"])
 
 
 def test_startup_scale_fades_as_the_rate_ramps_in():

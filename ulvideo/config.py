@@ -65,6 +65,10 @@ class DecoderConfig:
     shift: float = 0.0  # simple diffusion's resolution shift, 2*log(base/resolution)
     loss: Literal["diffusion", "mse"] = "diffusion"  # "mse": the paper's Table-5 ablation
     mse_sigma: float = 0.1  # loss = c_lf * ||x - x_hat||^2 / (2 mse_sigma^2) nats, for loss = mse
+    # sampling stops at this logSNR and returns the network's clean prediction there (None = at
+    # logsnr_max). Lower ends keep more of the posterior mean and less sampled detail: the
+    # prediction at logSNR 0 averages over what the decoder would still invent above it
+    sample_logsnr_end: float | None = None
     attention: Literal["full", "factorized"] = "full"  # middle transformer; always causal in time
     # middle transformer: frame f attends (pixel) frames f - W + 1 .. f only; None = every earlier
     # frame. Bounds streamed decoding's key/value cache to W - 1 frames (memory flat in clip length)
@@ -393,6 +397,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ul.prior_logsnr_min must be below ul.latent_logsnr")
     if not cfg.decoder.logsnr_min < cfg.decoder.logsnr_max:
         raise ConfigError("decoder.logsnr_min must be below decoder.logsnr_max")
+    end = cfg.decoder.sample_logsnr_end
+    if end is not None and not cfg.decoder.logsnr_min < end <= cfg.decoder.logsnr_max:
+        raise ConfigError(f"decoder.sample_logsnr_end = {end} must lie in (decoder.logsnr_min, decoder.logsnr_max] "
+                          f"= ({cfg.decoder.logsnr_min}, {cfg.decoder.logsnr_max}]")
     w = cfg.decoder.temporal_window
     if w is not None and (isinstance(w, bool) or w < 1):
         raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")

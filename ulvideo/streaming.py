@@ -466,8 +466,9 @@ class _ChunkDecoder:
             raise ValueError(f"unknown sampler '{sampler}' (ddpm, ddim)")
         self.model, self.dec, self.steps, self.sampler, self.seed = model, model.decoder, steps, sampler, seed
         self.kind = model.cfg.decoder.prediction
-        self.logsnrs = [float(v) for v in D.sampling_logsnrs(model.decoder_schedule, steps)]
-        self.logsnrs.append(float(model.decoder_schedule.logsnr_max))  # the final clean prediction
+        end = model.sample_logsnr_end()
+        self.logsnrs = [float(v) for v in D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=end)]
+        self.logsnrs.append(end)  # the final clean prediction
         self.tiling, self.layout = tiling, None
         self.halo = decoder_halo(self.dec) if tiling is not None else None  # traced before any streaming
 

@@ -282,12 +282,18 @@ class UnifiedLatents(nn.Module):
         return total / k / math.log(2)
 
     @torch.no_grad()
+    def sample_logsnr_end(self) -> float:
+        """Where decoding stops and takes the clean prediction: `decoder.sample_logsnr_end`, else lambda_max."""
+        end = self.cfg.decoder.sample_logsnr_end
+        return self.decoder_schedule.logsnr_max if end is None else float(end)
+
     def decode(self, z0: torch.Tensor, num_frames: int | None = None, steps: int = 32, sampler: str = "ddpm",
                generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
         """z0 (B, C, T', H', W') -> clips (B, 3, T, H, W) in [-1, 1], T = 1 + 4 (T' - 1) by default.
 
-        x ~ N(0, I) at the decoder's lambda_min, `steps` sampler steps up to its lambda_max, then the
-        final clean prediction at lambda_max, clipped to [-1, 1].
+        x ~ N(0, I) at the decoder's lambda_min, `steps` sampler steps up to lambda_end (its
+        lambda_max, or `decoder.sample_logsnr_end`), then the clean prediction at lambda_end,
+        clipped to [-1, 1].
         """
         e = self.cfg.encoder
         if self.cfg.decoder.loss == "mse":
@@ -297,10 +303,11 @@ class UnifiedLatents(nn.Module):
         shape = (b, 3, t, hl * e.spatial_downsample, wl * e.spatial_downsample)
         x = torch.randn(shape, generator=generator, device=z0.device, dtype=torch.float32)
         sched = self.decoder_schedule
-        logsnrs = D.sampling_logsnrs(sched, steps)
+        end = self.sample_logsnr_end()
+        logsnrs = D.sampling_logsnrs(sched, steps, logsnr_end=end)
         denoise = self.decoder_denoise(z0)
         res = D.sample(denoise, x, logsnrs, self.cfg.decoder.prediction, sampler, generator=generator, clip_x=1.0, progress=progress)
-        last = torch.full((b,), sched.logsnr_max, device=z0.device)
+        last = torch.full((b,), end, device=z0.device)
         x_hat, _ = D.predict_x_eps(denoise(res.z, last), res.z, last, self.cfg.decoder.prediction)
         return x_hat.clamp(-1.0, 1.0)
 
