@@ -54,6 +54,9 @@ def main() -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base-model sampler")
     p.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default="ddim",
                    help="decoder sampler (DDIM keeps the corners that tell the shapes apart)")
+    p.add_argument("--decoder-logsnr-end", type=float, default=None,
+                   help="the decoder's sampling stops at this logSNR and keeps its clean prediction there "
+                        "(default: the stage-1 export's decoder.sample_logsnr_end, else its logsnr_max)")
     p.add_argument("--out", default="benchmarks/results/prompt_adherence.json")
     args, base_overrides = parse_with_overrides(p)
     t_start = time.time()
@@ -76,7 +79,7 @@ def main() -> None:
     from ulvideo.generate import load_pipeline, tightness_report
     from ulvideo.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption, measure_clip, paraphrase, score_attributes
 
-    pipe = load_pipeline(export1, base / "exports" / "latest.safetensors")
+    pipe = load_pipeline(export1, base / "exports" / "latest.safetensors", args.decoder_logsnr_end)
     held = json.loads((data / "heldout.json").read_text())
     rng = np.random.default_rng(0)
     specs = []
@@ -85,7 +88,7 @@ def main() -> None:
         specs.append(ShapeSpec(combo["shape"], combo["colour"], SIZES[rng.integers(2)], combo["direction"]))
     result = {"what": "prompt_adherence", "stage1_steps": export_step(s1), "base_steps": export_step(base),
               "heldout_combinations": held, "sampler": args.sampler, "decoder_sampler": args.decoder_sampler,
-              "steps": args.steps, "decoder_steps": args.decoder_steps,
+              "steps": args.steps, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": pipe.stage1.sample_logsnr_end(),
               "guidance": args.guidance, "decode_from": "z0", "base_overrides": base_overrides,
               "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS)},
               "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7}}

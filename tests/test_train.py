@@ -94,6 +94,13 @@ def test_encode_and_decode_commands(run, tmp_path):
                 "--chunk", 4, "--tile", 8)
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert (tmp_path / "tiled.mp4").is_file() and info["frames"] == 5 and info["tile"] == 8
+    # stopping the decoder's sampling early: reported, and an end outside the schedule is refused
+    r = ulvideo("decode", "--export", export, "--input", z_path, "--out", tmp_path / "early.mp4", "--steps", 2,
+                "--logsnr-end", 0)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["logsnr_end"] == 0.0
+    r = ulvideo("decode", "--export", export, "--input", z_path, "--out", tmp_path / "bad.mp4", "--logsnr-end", 99,
+                check=False)
+    assert r.returncode == 2 and "sampling end 99" in r.stderr and not (tmp_path / "bad.mp4").exists()
 
 
 def test_bad_config_fails_before_any_process_group(tmp_path):

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base-model sampler")
     g.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default=None,
                    help="decoder sampler (default: --sampler)")
+    g.add_argument("--decoder-logsnr-end", type=float, default=None,
+                   help="the decoder's sampling stops at this logSNR and keeps its clean prediction there "
+                        "(default: the stage-1 export's decoder.sample_logsnr_end, else its logsnr_max)")
     g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--context", help="a video whose first frames are given (frame prediction)")
     g.add_argument("--decode-from", choices=["z0", "clean"], default="z0",
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output .mp4, .gif or .png")
     d.add_argument("--steps", type=int, default=32, help="decoder sampler steps")
     d.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    d.add_argument("--logsnr-end", type=float, default=None,
+                   help="stop sampling at this logSNR and keep the clean prediction there (default: the export's)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--latent-noise", choices=["sample", "mean"], default="sample",
                    help="z0 = alpha0 z_clean + sigma0 eps (sample, as in training) or alpha0 z_clean (mean)")

@@ -22,7 +22,8 @@ from ulvideo.config import Config
 from ulvideo.ul import Condition, LatentDiffusion, UnifiedLatents
 
 
-def load_stage1(path: str | Path) -> UnifiedLatents:
+def load_stage1(path: str | Path, decoder_logsnr_end: float | None = None) -> UnifiedLatents:
+    """A stage-1 export, ready to use; `decoder_logsnr_end` replaces its `decoder.sample_logsnr_end`."""
     weights, cfg, meta = load_export(path)
     if meta.get("stage", "ul") != "ul":
         raise ExportError(f"{path} is a '{meta.get('stage')}' export, not a stage-1 (ul) export")
@@ -30,6 +31,8 @@ def load_stage1(path: str | Path) -> UnifiedLatents:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if decoder_logsnr_end is not None:
+        model.set_sample_logsnr_end(decoder_logsnr_end)
     return model.eval().requires_grad_(False)
 
 
@@ -125,11 +128,12 @@ def tightness_report(pipe: Pipeline, z_clean: torch.Tensor, captions: list[str] 
             "null_over_prior": round(base_null / prior, 4)}
 
 
-def load_pipeline(export: str | Path, base: str | Path) -> Pipeline:
-    """Load a stage-1 and a stage-2 export once; a clear error when they don't belong together."""
+def load_pipeline(export: str | Path, base: str | Path, decoder_logsnr_end: float | None = None) -> Pipeline:
+    """Load a stage-1 and a stage-2 export once; a clear error when they don't belong together.
+    `decoder_logsnr_end`: where the decoder's sampling stops (default: the stage-1 export's)."""
     from ulvideo.text import load_text_encoder
 
-    stage1 = load_stage1(export)
+    stage1 = load_stage1(export, decoder_logsnr_end)
     model, cfg, meta = load_base(base, stage1)
     text = None
     if cfg.base.text_encoder != "none":
@@ -203,8 +207,8 @@ def main_decode(args) -> int:
     from ulvideo.videoio import to_uint8, write_png_grid, write_video
 
     try:
-        model = load_stage1(args.export)
-    except ExportError as e:
+        model = load_stage1(args.export, args.logsnr_end)
+    except (ExportError, ValueError) as e:
         print(f"ulvideo decode: {e}", file=sys.stderr)
         return 2
     z = load_file(args.input)["z_clean"]
@@ -230,7 +234,7 @@ def main_decode(args) -> int:
     if not args.out.endswith(".png"):
         write_png_grid(Path(args.out).with_suffix(".png"), [video])
     print(json.dumps({"out": args.out, "frames": video.shape[0], "steps": args.steps, "sampler": args.sampler,
-                      "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk, "tile": args.tile}))
+                      "logsnr_end": model.sample_logsnr_end(), "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk, "tile": args.tile}))
     return 0
 
 
@@ -243,7 +247,7 @@ def main_generate(args) -> int:
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     try:
-        pipe = load_pipeline(args.export, args.base)
+        pipe = load_pipeline(args.export, args.base, args.decoder_logsnr_end)
     except Exception as e:  # missing text encoder, mismatched exports: one clear line
         print(f"ulvideo generate: {e}", file=sys.stderr)
         return 2
