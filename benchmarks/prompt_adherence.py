@@ -91,7 +91,8 @@ def main() -> None:
               "steps": args.steps, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": pipe.stage1.sample_logsnr_end(),
               "guidance": args.guidance, "decode_from": "z0", "base_overrides": base_overrides,
               "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS)},
-              "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7}}
+              "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7},
+              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
     gen_t0 = time.time()
     for style, make in (("caption", caption), ("paraphrase", lambda s: paraphrase(s, rng))):
         prompts = [make(s) for s in specs]
