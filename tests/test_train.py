@@ -100,7 +100,7 @@ def test_encode_and_decode_commands(run, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["logsnr_end"] == 0.0
     r = ulvideo("decode", "--export", export, "--input", z_path, "--out", tmp_path / "bad.mp4", "--logsnr-end", 99,
                 check=False)
-    assert r.returncode == 2 and "sampling end 99" in r.stderr and not (tmp_path / "bad.mp4").exists()
+    assert r.returncode == 2 and "sample_logsnr_end = 99" in r.stderr and not (tmp_path / "bad.mp4").exists()
 
 
 def test_bad_config_fails_before_any_process_group(tmp_path):

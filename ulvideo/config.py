@@ -371,6 +371,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
+def check_sample_logsnr_end(decoder: DecoderConfig, end: float | None) -> None:
+    """`decoder.sample_logsnr_end` must lie in (logsnr_min, logsnr_max] (None: logsnr_max)."""
+    if end is not None and not decoder.logsnr_min < end <= decoder.logsnr_max:
+        raise ConfigError(f"decoder.sample_logsnr_end = {end} must lie in (decoder.logsnr_min, decoder.logsnr_max] "
+                          f"= ({decoder.logsnr_min}, {decoder.logsnr_max}]")
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys that the types alone cannot express, before any compute starts."""
     d = cfg.data
@@ -397,10 +404,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ul.prior_logsnr_min must be below ul.latent_logsnr")
     if not cfg.decoder.logsnr_min < cfg.decoder.logsnr_max:
         raise ConfigError("decoder.logsnr_min must be below decoder.logsnr_max")
-    end = cfg.decoder.sample_logsnr_end
-    if end is not None and not cfg.decoder.logsnr_min < end <= cfg.decoder.logsnr_max:
-        raise ConfigError(f"decoder.sample_logsnr_end = {end} must lie in (decoder.logsnr_min, decoder.logsnr_max] "
-                          f"= ({cfg.decoder.logsnr_min}, {cfg.decoder.logsnr_max}]")
+    check_sample_logsnr_end(cfg.decoder, cfg.decoder.sample_logsnr_end)
     w = cfg.decoder.temporal_window
     if w is not None and (isinstance(w, bool) or w < 1):
         raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")

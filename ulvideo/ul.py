@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ulvideo import diffusion as D
-from ulvideo.config import Config
+from ulvideo.config import Config, check_sample_logsnr_end
 from ulvideo.nets import Decoder, Encoder, LatentTransformer
 
 
@@ -284,10 +284,8 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def set_sample_logsnr_end(self, end: float | None) -> None:
         """Decode up to `end` from now on (None = lambda_max); `decoder.sample_logsnr_end` of a loaded model."""
-        d = self.cfg.decoder
-        if end is not None and not d.logsnr_min < end <= d.logsnr_max:
-            raise ValueError(f"decoder sampling end {end} must lie in ({d.logsnr_min}, {d.logsnr_max}]")
-        d.sample_logsnr_end = None if end is None else float(end)
+        check_sample_logsnr_end(self.cfg.decoder, end)
+        self.cfg.decoder.sample_logsnr_end = None if end is None else float(end)
 
     def sample_logsnr_end(self) -> float:
         """Where decoding stops and takes the clean prediction: `decoder.sample_logsnr_end`, else lambda_max."""
