@@ -3,6 +3,7 @@ optimizer moments, LR schedule, EMA, data position; noise shows through all of t
 The reference is the uninterrupted run. Also: the generated DeepSpeed config and the checks that run
 before any process group. Helpers here are shared with test_faults.py and test_distributed.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -207,3 +208,20 @@ def test_bf16_training_tracks_fp32_and_exports_full_fp32_weights(data, tmp_path)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=2e-2, atol=5e-3, msg=lambda m: f"{k}: {m}")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("zero", [3])
+def test_startup_readout_left_unused_after_the_fade(zero, data, tmp_path):
+    """`ul.startup_head = readout` (the tiny config's): once the start-up term is off, the readout's
+    parameters get no gradient at all; ZeRO-3 (partitioned parameters) must keep training, and the
+    export still holds the readout's weights."""
+    run = tmp_path / "run"
+    train(run, data, "--train.steps=4", f"--train.zero_stage={zero}", "--ul.startup_head=readout",
+          "--ul.startup_hold_steps=2", "--ul.startup_fade_steps=0", "--train.ckpt_every=100")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["startup_recon_scale"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert ["startup_recon_bits_per_pixel" in r for r in rows] == [True, True, False, False]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    export = load_file(str(run / "exports" / "latest.safetensors"))
+    assert any(k.startswith("readout.") for k in export) and any(k.startswith("decoder.") for k in export)

@@ -426,3 +426,69 @@ def test_startup_term_keeps_its_own_schedule(monkeypatch):
     for step in (3, 5, 12):
         obj(batch, torch.Generator().manual_seed(0), step)
     assert seen == [(0.0, 1.0), (0.0, pytest.approx(0.5)), (pytest.approx(0.15), 0.0)]
+
+
+def test_latent_readout_layout_and_causality():
+    """`LatentReadout`: T' latent frames -> 1 + 4 (T' - 1) frames at 8x; changing latent frame j
+    changes exactly the pixel frames it covers (frame 0 for j = 0, frames 4j - 3 .. 4j after)."""
+    from ulvideo.nets import LatentReadout
+
+    torch.manual_seed(0)
+    r = LatentReadout(4, 16)
+    z = torch.randn(2, 4, 3, 2, 2)
+    with torch.no_grad():
+        out = r(z)
+        assert out.shape == (2, 3, 9, 16, 16)
+        assert r(z[:, :, :1]).shape == (2, 3, 1, 16, 16)
+        torch.testing.assert_close(r(z[:, :, :1]), out[:, :, :1])  # an image is frame 0 of its video
+        for j, frames in [(0, {0}), (1, {1, 2, 3, 4}), (2, {5, 6, 7, 8})]:
+            z2 = z.clone()
+            z2[:, :, j] += 1.0
+            changed = {f for f in range(9) if not torch.equal(r(z2)[:, :, f], out[:, :, f])}
+            assert changed == frames
+        # sub-pixel layout: latent position (y, x) writes the 8x8 block at (8y, 8x); its two 3x3
+        # convs reach positions within 2 latent steps, and nothing further
+        z3 = torch.randn(1, 4, 2, 4, 4)
+        z4 = z3.clone()
+        z4[:, :, 1, 0, 0] += 3.0
+        blocks = (r(z3) - r(z4)).abs().sum((0, 1))[1:5].reshape(4, 4, 8, 4, 8).sum((0, 2, 4))
+        near = torch.tensor([[max(i, j) <= 2 for j in range(4)] for i in range(4)])
+        assert (blocks[~near] == 0).all() and blocks[0, 0] > 0
+        assert (blocks[near] > 0).sum() >= 4
+
+def test_startup_readout_term_by_hand_and_gradient_paths():
+    """`ul.startup_head = readout`: the term is w/2 * chroma-scaled ||x - readout(z0)||^2 per clip,
+    no decoder pass is added, and its gradient reaches encoder and readout but not the decoder."""
+    m = _startup_model("--ul.startup_head=readout", "--ul.startup_readout_width=8", "--ul.startup_recon_weight=20",
+                       "--ul.startup_chroma_weight=2")
+    x = clips(3)
+    calls = []
+    hook = m.decoder.register_forward_hook(lambda *a: calls.append(1))
+    terms = m.loss(x, torch.Generator().manual_seed(3), rate_scale=0.0, startup_scale=0.5)
+    hook.remove()
+    assert len(calls) == 1  # the diffusion loss's pass only
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        z = m.encode(x)
+        D.sample_times(3, m.cfg.ul.time_sampling, g), torch.randn(z.shape, generator=g)  # the prior's draws
+        z0 = m.alpha0 * z + m.sigma0 * torch.randn(z.shape, generator=g)
+        ref = 0.5 * 20 * 0.5 * _grey_chroma_sq(x - m.readout(z0), 2)
+    torch.testing.assert_close(terms.startup, ref, rtol=1e-4, atol=1e-3)
+    m.zero_grad()
+    terms.startup.sum().backward()
+    norm = {name: sum(p.grad.abs().sum().item() for p in getattr(m, name).parameters() if p.grad is not None)
+            for name in ("encoder", "readout", "decoder", "prior")}
+    assert norm["encoder"] > 0 and norm["readout"] > 0
+    assert norm["decoder"] == 0 and norm["prior"] == 0
+    # without the option there is no readout module (exports stay as they were)
+    assert not hasattr(_startup_model(), "readout")
+
+
+def test_startup_readout_options_are_validated():
+    from ulvideo.config import ConfigError
+    with pytest.raises(ConfigError, match="startup_head"):
+        load_config(None, ["--ul.startup_head=readout", "--ul.startup_pass=shared"])
+    with pytest.raises(ConfigError, match="startup_readout_width"):
+        load_config(None, ["--ul.startup_head=readout", "--ul.startup_readout_width=0"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["--ul.startup_head=probe"])

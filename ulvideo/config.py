@@ -121,6 +121,13 @@ class ULConfig:
     # squared error counts k^2 times. An object's colour is a low-variance direction of pixel space
     # next to its luminance footprint, and an MSE autoencoder learns it last (ulvideo/ul.py)
     startup_chroma_weight: float = 1.0
+    # what makes the start-up term's prediction: "decoder", the diffusion decoder at its lowest
+    # logSNR (one more decoder pass; its gradient then dominates the decoder's and the diffusion
+    # loss waits for the term to fade), or "readout", a small per-latent-position network z0 ->
+    # pixels (`LatentReadout`, width startup_readout_width) that leaves the decoder to the
+    # diffusion loss alone and costs ~nothing. Only the encoder is shared with the diffusion terms.
+    startup_head: Literal["decoder", "readout"] = "decoder"
+    startup_readout_width: int = 128
     regularizer: Literal["diffusion_prior", "kl_vae"] = "diffusion_prior"
     kl_weight: float = 1.0  # beta, for regularizer = kl_vae
     eval_logsnr_samples: int = 32  # K stratified logSNRs per clip for held-out bits
@@ -421,6 +428,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"ul.{name} = {getattr(cfg.ul, name)} must be >= 0 (or null: the rate's schedule)")
     if cfg.ul.startup_recon_weight < 0:
         raise ConfigError(f"ul.startup_recon_weight = {cfg.ul.startup_recon_weight} must be >= 0")
+    if cfg.ul.startup_head == "readout":
+        if cfg.ul.startup_pass == "shared":
+            raise ConfigError("ul.startup_pass = shared shares the decoder's pass; ul.startup_head = readout "
+                              "does not use the decoder (use startup_pass: separate)")
+        if cfg.ul.startup_readout_width < 1:
+            raise ConfigError(f"ul.startup_readout_width = {cfg.ul.startup_readout_width} must be >= 1")
     if not 0.0 <= d.image_ratio <= 1.0:
         raise ConfigError(f"data.image_ratio = {d.image_ratio} must lie in [0, 1]")
 

@@ -456,7 +456,8 @@ class Trainer:
                 extra = {"lr": float(self.engine.get_lr()[0]), "clips_per_s": clips_since / max(now - t_last, 1e-9),
                          "grad_norm": float(gn) if gn is not None else float("nan"),
                          "skipped_steps": self.skipped_since_log, "skipped_steps_total": self.nonfinite_total}
-                extra.update(self.objective.log_constants(self.step))
+                # the schedule's values in the row's last step (0-based: the row's step - 1)
+                extra.update(self.objective.log_constants(self.step - 1))
                 row = self.metrics.write(self.step, extra)
                 if self.is_main:
                     bar.set_postfix({k: f"{row[k]:.4g}" for k in self.objective.progress_keys if k in row})

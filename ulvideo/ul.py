@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ulvideo import diffusion as D
 from ulvideo.config import Config, check_sample_logsnr_end
-from ulvideo.nets import Decoder, Encoder, LatentTransformer
+from ulvideo.nets import Decoder, Encoder, LatentReadout, LatentTransformer
 
 
 @dataclass
@@ -97,6 +97,9 @@ class UnifiedLatents(nn.Module):
         self.encoder = Encoder(dataclasses.replace(e, latent_channels=2 * e.latent_channels) if self.vae else e)
         self.prior = LatentTransformer(cfg.prior, e.latent_channels)
         self.decoder = Decoder(cfg.decoder, e.latent_channels, e.temporal_downsample, e.spatial_downsample)
+        if u.startup_head == "readout":  # trained by the start-up term only; unused after it
+            self.readout = LatentReadout(e.latent_channels, u.startup_readout_width, e.temporal_downsample,
+                                         e.spatial_downsample)
         self.prior_schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)
         self.decoder_schedule = D.CosineSchedule(cfg.decoder.logsnr_max, cfg.decoder.logsnr_min, cfg.decoder.shift)
         a0, s0 = D.alpha_sigma(torch.tensor(u.latent_logsnr, dtype=torch.float64))
@@ -171,11 +174,16 @@ class UnifiedLatents(nn.Module):
         write into it) as fast as a plain autoencoder does. `ul.startup_input = zeros` takes the
         prediction from an all-zero input instead (the MSE decoder's); `ul.startup_clips` = k
         computes it on the first k clips of the batch only (one decoder pass over k clips, not B).
+        `ul.startup_head = readout` takes the prediction from `LatentReadout(z0)` instead of the
+        decoder: the encoder learns to write into z0 just the same, the decoder is left to the
+        diffusion loss, and no decoder pass is added.
         """
         u = self.cfg.ul
         b = x.shape[0]
         k = min(b, u.startup_clips or b)
         xs, zs = x[:k], z0[:k]
+        if u.startup_head == "readout":
+            return self._startup_error(xs, self.readout(zs).float(), b)
         x_in = self._startup_input(xs, generator)
         return self._startup_error(xs, self._x_at_lowest_logsnr(x_in, zs), b)
 

@@ -83,6 +83,31 @@ class LatentInjection(nn.Module):
         return h
 
 
+class LatentReadout(nn.Module):
+    """z0 (B, C, T', H', W') -> pixels (B, 3, 1 + k (T' - 1), s H', s W'): a small per-latent-position
+    network, the start-up term's cheap stand-in for the decoder (`ul.startup_head = readout`).
+
+    Two 3x3 convs over each latent frame (width w), then a 1x1 conv to k * 3 * s * s values per
+    position, laid out as the k pixel frames and s x s pixels that the latent position covers
+    (depth-to-space in time and space). Latent frame j >= 1 covers pixel frames 4j - 3 .. 4j and
+    latent frame 0 frame 0 alone, so frame 0 takes the last of its k sub-frames. It never sees
+    another latent frame, so it is causal in time. What it needs to do well is what the encoder
+    must keep in z: where the objects are and what colour, in every frame.
+    """
+
+    def __init__(self, latent_channels: int, width: int, temporal_downsample: int = 4, spatial_downsample: int = 8):
+        super().__init__()
+        self.k, self.s = temporal_downsample, spatial_downsample
+        self.conv1 = CausalConv3d(latent_channels, width, (1, 3, 3))
+        self.conv2 = CausalConv3d(width, width, (1, 3, 3))
+        self.out = CausalConv3d(width, self.k * 3 * self.s * self.s, 1)
+
+    def forward(self, z0: torch.Tensor) -> torch.Tensor:
+        h = self.out(F.silu(self.conv2(F.silu(self.conv1(z0)))))
+        x = rearrange(h, "b (k c i j) t h w -> b c (t k) (h i) (w j)", k=self.k, c=3, i=self.s, j=self.s)
+        return x[:, :, self.k - 1:]
+
+
 class Decoder(nn.Module):
     """`Decoder(cfg: DecoderConfig, latent_channels, temporal_downsample=4, spatial_downsample=8)`.
 
