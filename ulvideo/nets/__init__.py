@@ -6,5 +6,5 @@ from ulvideo.nets.layers import CausalConv3d, expand_latent_time, num_params
 from ulvideo.nets.sizes import SIZES
 from ulvideo.nets.transformer import LatentTransformer, TransformerBlock
 
-__all__ = ["SIZES", "CausalConv3d", "Decoder", "Encoder", "LatentReadout", "LatentTransformer", "TransformerBlock",
-           "expand_latent_time", "num_params"]
+__all__ = ["SIZES", "CausalConv3d", "Decoder", "Encoder", "LatentReadout", "LatentTransformer",
+           "TransformerBlock", "expand_latent_time", "num_params"]
