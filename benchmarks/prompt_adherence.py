@@ -98,18 +98,24 @@ def main() -> None:
               "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS)},
               "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7},
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
-    gen_t0 = time.time()
-    for style, make in (("caption", caption), ("paraphrase", lambda s: paraphrase(s, rng))):
-        prompts = [make(s) for s in specs]
+
+    def rates(batches) -> dict:
+        """Colour / shape / direction match rates over (specs, uint8 videos) batches."""
         hits = {"colour": [], "shape": [], "direction": []}
-        for start in range(0, len(prompts), 16):
-            videos = pipe(prompts[start:start + 16], seed=start, steps=args.steps, decoder_steps=args.decoder_steps,
-                          guidance=args.guidance, sampler=args.sampler, decoder_sampler=args.decoder_sampler)
-            for spec, clip in zip(specs[start:start + 16], videos):
+        for part, videos in batches:
+            for spec, clip in zip(part, videos):
                 s = score_attributes({k: getattr(spec, k) for k in hits}, measure_clip(clip))
                 for k in hits:
                     hits[k].append(bool(s[k]))
-        result[style] = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+        return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+
+    gen_t0 = time.time()
+    for style, make in (("caption", caption), ("paraphrase", lambda s: paraphrase(s, rng))):
+        prompts = [make(s) for s in specs]
+        result[style] = rates((specs[i:i + 16], pipe(prompts[i:i + 16], seed=i, steps=args.steps,
+                                                     decoder_steps=args.decoder_steps, guidance=args.guidance,
+                                                     sampler=args.sampler, decoder_sampler=args.decoder_sampler))
+                              for i in range(0, len(prompts), 16))
         result[style]["examples"] = prompts[:3]
     result["generation_seconds"] = round(time.time() - gen_t0, 1)
 
@@ -117,22 +123,16 @@ def main() -> None:
     # end). Stage 1 never saw these combinations either; generations rarely beat what it reconstructs
     import torch
     from ulvideo.shapes import render_clip
-    from ulvideo.videoio import to_uint8
+    from ulvideo.videoio import to_float, to_uint8
 
     frames, size = pipe.base_cfg.data.num_frames, pipe.base_cfg.data.height
     g = torch.Generator().manual_seed(0)
-    hits = {"colour": [], "shape": [], "direction": []}
-    for start in range(0, len(specs), 16):
-        part = specs[start:start + 16]
-        clips = np.stack([render_clip(sp, frames, size) for sp in part])
-        x = torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1
-        with torch.no_grad():
-            rec = to_uint8(pipe.stage1.reconstruct(x, args.decoder_steps, args.decoder_sampler, generator=g))
-        for spec, clip in zip(part, rec):
-            sc = score_attributes({k: getattr(spec, k) for k in hits}, measure_clip(clip))
-            for k in hits:
-                hits[k].append(bool(sc[k]))
-    result["stage1_reconstruction"] = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+
+    def reconstructed(part):
+        x = to_float(np.stack([render_clip(sp, frames, size) for sp in part]))
+        return part, to_uint8(pipe.stage1.reconstruct(x, args.decoder_steps, args.decoder_sampler, generator=g))
+
+    result["stage1_reconstruction"] = rates(reconstructed(specs[i:i + 16]) for i in range(0, len(specs), 16))
 
     # tightness: stage-1 prior bits vs base-model ELBO on the same held-out latents
     batch = next(iter(build_loader(pipe.base_cfg.data, micro_batch_size=32, seed=0, split="heldout")))

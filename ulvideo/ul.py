@@ -289,7 +289,6 @@ class UnifiedLatents(nn.Module):
             total += D.elbo(self.prior_denoise, z_clean, self.prior_schedule, self.cfg.prior.prediction, t=t, generator=g).total
         return total / k / math.log(2)
 
-    @torch.no_grad()
     def set_sample_logsnr_end(self, end: float | None) -> None:
         """Decode up to `end` from now on (None = lambda_max); `decoder.sample_logsnr_end` of a loaded model."""
         check_sample_logsnr_end(self.cfg.decoder, end)
