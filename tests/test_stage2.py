@@ -48,7 +48,9 @@ def test_encode_writes_shards_with_text(pair):
     info = json.loads((shards / "encoding.json").read_text())
     assert info["clips"] == 12 and info["shards"] == 3 and info["text_encoder"].startswith("minilm")
     meta = json.loads((shards / "shard-00000.json").read_text())
-    assert meta["count"] == 5 and meta["shape"] == [4, 2, 2, 2] and meta["text"]
+    enc = load_config(ROOT / "configs/ul/tiny.yaml", SMALL).encoder  # 5 frames at 16x16
+    latent = [enc.latent_channels, 1 + 4 // enc.temporal_downsample, 16 // enc.spatial_downsample, 16 // enc.spatial_downsample]
+    assert meta["count"] == 5 and meta["shape"] == latent and meta["text"]
     # the shard's latents are the encoder's output on the same (centred) clip
     from safetensors.torch import load_file
 
@@ -84,7 +86,7 @@ def test_decoder_sampler_is_chosen_apart_from_the_base_sampler(pipe):
 
     prompts = ["a small red circle moving left"]
     got = pipe(prompts, seed=4, num_frames=5, steps=3, decoder_steps=3, decoder_sampler="ddim")
-    shape = (1, pipe.stage1.latent_channels, 2, 2, 2)
+    shape = (1, pipe.stage1.latent_channels, *pipe.stage1.encoder.latent_shape(5, 16, 16))
     cond, null = pipe.condition(prompts, None, None, shape)
     g = torch.Generator().manual_seed(4)
     z0 = pipe.base.sample(shape, cond, null, 1.0, 3, "ddpm", g).z
@@ -95,7 +97,7 @@ def test_decoder_sampler_is_chosen_apart_from_the_base_sampler(pipe):
 
 
 def test_guidance_one_is_the_conditional_prediction(pipe):
-    shape = (2, 4, 2, 2, 2)
+    shape = (2, pipe.stage1.latent_channels, *pipe.stage1.encoder.latent_shape(5, 16, 16))
     cond, null = pipe.condition(["a red circle", "a blue square"], None, None, shape)
     res = pipe.base.sample(shape, cond, null, guidance=1.0, steps=3, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
@@ -111,7 +113,7 @@ def test_frame_prediction_keeps_the_context(pair, pipe):
     from ulvideo.generate import _read_input
 
     ctx = _read_input(str(data / "shape_00003.mp4"), 5, pipe.stage1.cfg)
-    shape = (1, 4, 2, 2, 2)
+    shape = (1, pipe.stage1.latent_channels, *pipe.stage1.encoder.latent_shape(5, 16, 16))
     cond, null = pipe.condition([""], None, ctx, shape)
     assert cond.context_mask.tolist() == [[True, False]]
     res = pipe.base.sample(shape, cond, null, steps=4, generator=torch.Generator().manual_seed(0))

@@ -82,7 +82,9 @@ def test_encode_and_decode_commands(run, tmp_path):
     z_path = tmp_path / "z.safetensors"
     ulvideo("encode", "--export", export, "--input", data / "shape_00000.mp4", "--out", z_path)
     z = load_file(str(z_path))["z_clean"]
-    assert z.shape == (4, 2, 2, 2)
+    enc = load_stage1(export).cfg.encoder  # 5 frames at 16x16
+    assert z.shape == (enc.latent_channels, 1 + 4 // enc.temporal_downsample, 16 // enc.spatial_downsample,
+                       16 // enc.spatial_downsample)
     out = tmp_path / "clip.mp4"
     r = ulvideo("decode", "--export", export, "--input", z_path, "--out", out, "--steps", 2)
     assert out.is_file() and json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 5
