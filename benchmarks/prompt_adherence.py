@@ -1,6 +1,6 @@
 """Prompt adherence at CPU scale: tiny stage 1 + stage 2 on the shapes data, scored by the measurer.
 
-    python benchmarks/prompt_adherence.py [--stage1-steps N] [--base-steps 3000] [--clips 112] [--a.b=v ...]
+    python benchmarks/prompt_adherence.py [--stage1-steps N] [--base-steps N] [--clips 112] [--a.b=v ...]
 
 (`--a.b=v`: overrides of the base model's config, configs/base/tiny.yaml)
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--stage1-steps", type=int, default=None,
                    help="stage-1 training steps (default: configs/ul/tiny.yaml's train.steps)")
     p.add_argument("--base-run", default="runs/bench_base")
-    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--base-steps", type=int, default=None, help="base-model training steps (default: configs/base/tiny.yaml's train.steps)")
     p.add_argument("--clips", type=int, default=112, help="generated clips per prompt style")
     p.add_argument("--steps", type=int, default=64, help="base sampler steps")
     p.add_argument("--decoder-steps", type=int, default=32)
@@ -65,9 +65,12 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/prompt_adherence.json")
     args, base_overrides = parse_with_overrides(p)
     t_start = time.time()
+    from ulvideo.config import load_config
+
     if args.stage1_steps is None:
-        from ulvideo.config import load_config
         args.stage1_steps = load_config(ROOT / "configs/ul/tiny.yaml").train.steps
+    if args.base_steps is None:
+        args.base_steps = load_config(ROOT / "configs/base/tiny.yaml").train.steps
     data, s1, base = ROOT / args.data, ROOT / args.stage1_run, ROOT / args.base_run
     if not (data / "manifest.jsonl").is_file():
         sh("data", "synth", "--out", str(data), "--num", "512", "--frames", "9", "--size", "32")
