@@ -1,6 +1,6 @@
 """Prompt adherence at CPU scale: tiny stage 1 + stage 2 on the shapes data, scored by the measurer.
 
-    python benchmarks/prompt_adherence.py [--stage1-steps N] [--base-steps N] [--clips 112] [--a.b=v ...]
+    python benchmarks/prompt_adherence.py [--stage1-steps N] [--base-steps N] [--clips 112] [--seed-offsets 0,1000] [--a.b=v ...]
 
 (`--a.b=v`: overrides of the base model's config, configs/base/tiny.yaml)
 
@@ -62,6 +62,9 @@ def main() -> None:
                    help="the decoder's sampling stops at this logSNR and keeps its clean prediction there "
                         "(0: shape 75 %% against 69 %% sampling to logSNR 15, README, Benchmarks; "
                         "'none': the stage-1 export's decoder.sample_logsnr_end, else its logsnr_max)")
+    p.add_argument("--seed-offsets", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                   help="comma-separated: clip i is generated with seed offset + i; the captions are scored at "
+                        "every offset (the paraphrases at the first)")
     p.add_argument("--out", default="benchmarks/results/prompt_adherence.json")
     args, base_overrides = parse_with_overrides(p)
     t_start = time.time()
@@ -104,22 +107,32 @@ def main() -> None:
 
     def rates(batches) -> dict:
         """Colour / shape / direction match rates over (specs, uint8 videos) batches."""
-        hits = {"colour": [], "shape": [], "direction": []}
+        hits, by_shape = {"colour": [], "shape": [], "direction": []}, {}
         for part, videos in batches:
             for spec, clip in zip(part, videos):
                 s = score_attributes({k: getattr(spec, k) for k in hits}, measure_clip(clip))
                 for k in hits:
                     hits[k].append(bool(s[k]))
-        return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+                by_shape.setdefault(spec.shape, []).append(bool(s["shape"]))
+        out = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+        out["shape_by_shape"] = {k: round(float(np.mean(v)), 4) for k, v in sorted(by_shape.items())}
+        return out
 
     gen_t0 = time.time()
+    def generated(prompts, offset):
+        for i in range(0, len(prompts), 16):
+            yield specs[i:i + 16], pipe(prompts[i:i + 16], seed=offset + i, steps=args.steps,
+                                        decoder_steps=args.decoder_steps, guidance=args.guidance,
+                                        sampler=args.sampler, decoder_sampler=args.decoder_sampler)
+
+    first, *more = args.seed_offsets
     for style, make in (("caption", caption), ("paraphrase", lambda s: paraphrase(s, rng))):
         prompts = [make(s) for s in specs]
-        result[style] = rates((specs[i:i + 16], pipe(prompts[i:i + 16], seed=i, steps=args.steps,
-                                                     decoder_steps=args.decoder_steps, guidance=args.guidance,
-                                                     sampler=args.sampler, decoder_sampler=args.decoder_sampler))
-                              for i in range(0, len(prompts), 16))
+        result[style] = rates(generated(prompts, first))
         result[style]["examples"] = prompts[:3]
+        if style == "caption" and more:  # the same prompts with other generation seeds
+            result["caption_by_seed_offset"] = {str(first): {k: v for k, v in result[style].items() if k != "examples"}}
+            result["caption_by_seed_offset"].update({str(o): rates(generated(prompts, o)) for o in more})
     result["generation_seconds"] = round(time.time() - gen_t0, 1)
 
     # the stage-1 reference: the same specs rendered, encoded and decoded (same decoder sampler and
