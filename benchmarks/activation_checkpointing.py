@@ -23,7 +23,7 @@ from _rss import peak_rss_bytes, reset_peak_rss
 def worker(spec: dict) -> dict:
     import torch
 
-    from ulvideo.activation_checkpointing import apply_activation_checkpointing
+    from ulvideo.train.apply import apply_activation_checkpointing
     from ulvideo.config import load_config
     from ulvideo.ul import UnifiedLatents
 

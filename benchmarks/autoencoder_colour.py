@@ -36,8 +36,8 @@ def run(cfg, head: int, decoder_input: str, chroma: float, steps: int, eval_ever
     import dataclasses
 
     from ulvideo.data import build_loader
-    from ulvideo.metrics import psnr
-    from ulvideo.shapes import measure_clip, score
+    from ulvideo.eval.metrics import psnr
+    from ulvideo.data.shapes import measure_clip, score
     from ulvideo.ul import UnifiedLatents, chroma_scaled
     from ulvideo.videoio import to_uint8
 
@@ -108,7 +108,7 @@ def main() -> None:
 
     from ulvideo.config import load_config
     from ulvideo.data import build_loader
-    from ulvideo.shapes import manifest_specs
+    from ulvideo.data.shapes import manifest_specs
 
     clip_cfg = load_config(ROOT / args.config, [f"--data.path={args.data}"])
     cfg = load_config(ROOT / args.config, [f"--data.path={args.data}", *args.overrides, f"--data.num_frames={args.frames}"])

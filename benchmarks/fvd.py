@@ -30,8 +30,8 @@ from _rss import peak_rss_bytes as _hwm_bytes, reset_peak_rss as _reset_hwm
 def measure(preset: str, batch: int, repeats: int, device: str) -> dict:
     import torch
 
-    from ulvideo import fvd
-    from ulvideo.nets.i3d import InceptionI3d
+    from ulvideo.eval import fvd
+    from ulvideo.eval.i3d import InceptionI3d
 
     p = fvd.get_preset(preset)
     net = InceptionI3d().to(device).eval()

@@ -9,7 +9,7 @@
 3. stage 2 (configs/base/tiny.yaml);
 4. generate clips for the held-out (colour, shape, direction) combinations that `ulvideo data synth`
    never renders, with training-style captions and with paraphrases made of words absent from every
-   training caption; score colour / shape / direction with `ulvideo.shapes.measure_clip`.
+   training caption; score colour / shape / direction with `ulvideo.data.shapes.measure_clip`.
 Also reports the stage-1 prior's bits vs the base model's unweighted ELBO (null condition, and
 conditional) on held-out latents, and the measurer's scores on stage-1 reconstructions of the same
 specs rendered (`stage1_reconstruction`: what the decoder makes of those combinations' latents).
@@ -88,7 +88,7 @@ def main() -> None:
 
     from ulvideo.data import build_loader
     from ulvideo.generate import load_pipeline, tightness_report
-    from ulvideo.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption, measure_clip, paraphrase, score_attributes
+    from ulvideo.data.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption, measure_clip, paraphrase, score_attributes
 
     pipe = load_pipeline(export1, base / "exports" / "latest.safetensors", args.decoder_logsnr_end)
     held = json.loads((data / "heldout.json").read_text())
@@ -137,7 +137,7 @@ def main() -> None:
     # the stage-1 reference: the same specs rendered, encoded and decoded (same decoder sampler and
     # end). Stage 1 never saw these combinations either; generations rarely beat what it reconstructs
     import torch
-    from ulvideo.shapes import render_clip
+    from ulvideo.data.shapes import render_clip
     from ulvideo.videoio import to_float, to_uint8
 
     frames, size = pipe.base_cfg.data.num_frames, pipe.base_cfg.data.height

@@ -72,8 +72,8 @@ def main() -> None:
     clips_per_s = float(np.median([r["clips_per_s"] for r in train_rows[len(train_rows) // 2:]])) if train_rows else float("nan")
     steps_s = logged_step_seconds(run)
 
-    from ulvideo.evaluation import score_shapes_reconstructions
-    from ulvideo.generate import load_stage1
+    from ulvideo.eval.reports import score_shapes_reconstructions
+    from ulvideo.exports import load_stage1
 
     model = load_stage1(run / "exports" / "latest.safetensors", args.decoder_logsnr_end)
     scoring = dict(decoder_steps=args.decoder_steps, sampler=args.sampler)

@@ -63,7 +63,7 @@ def count_flops(cfg, batch: dict, device) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ulvideo.objectives import make_objective
+    from ulvideo.train.objectives import make_objective
 
     obj = make_objective(cfg).to(device)
     g = torch.Generator(device=device)
@@ -78,7 +78,7 @@ def worker(spec: dict) -> None:
     import torch
 
     from ulvideo.config import load_config
-    from ulvideo.train import Trainer, use_bf16
+    from ulvideo.train.loop import Trainer, use_bf16
 
     cfg = load_config(spec["config"], spec["overrides"])
     reset_ok = reset_peak_rss()

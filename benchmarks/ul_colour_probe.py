@@ -30,8 +30,8 @@ DEFAULT_VARIANTS = ("config=;output_init=--decoder.output_init_std=0.02;startup_
 
 
 def score_export(export: Path, data: Path, decoder_steps: int) -> dict:
-    from ulvideo.evaluation import score_shapes_reconstructions
-    from ulvideo.generate import load_stage1
+    from ulvideo.eval.reports import score_shapes_reconstructions
+    from ulvideo.exports import load_stage1
 
     model = load_stage1(export)
     got = score_shapes_reconstructions(model, model.cfg.data, data, decoder_steps, micro_batch_size=32)

@@ -46,8 +46,8 @@ def train(name: str, steps: int, overrides: list[str], data: str, runs: Path, fr
 @torch.no_grad()
 def measure(export: Path, clips: int, decoder_steps: tuple[int, ...] = (32,)) -> dict:
     from ulvideo.data import build_loader
-    from ulvideo.generate import load_stage1
-    from ulvideo.metrics import psnr
+    from ulvideo.exports import load_stage1
+    from ulvideo.eval.metrics import psnr
 
     m = load_stage1(export)
     loader = build_loader(m.cfg.data, micro_batch_size=min(clips, 32), seed=0, split="heldout")

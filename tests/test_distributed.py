@@ -88,7 +88,7 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(runs):
 def test_ema_equals_the_average_of_consolidated_checkpoints(runs):
     """EMA_n = d^n w_0 + sum_k (1 - d) d^(n-k) w_k, with w_k from zero_to_fp32 and w_0 rebuilt from the seed."""
     from ulvideo.config import load_config
-    from ulvideo.objectives import make_objective
+    from ulvideo.train.objectives import make_objective
 
     zero, _, two = runs
     cfg = load_config(two / "config.yaml")

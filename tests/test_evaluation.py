@@ -1,4 +1,4 @@
-"""Scoring of shapes reconstructions (`ulvideo.evaluation.score_shapes_reconstructions`)."""
+"""Scoring of shapes reconstructions (`ulvideo.eval.reports.score_shapes_reconstructions`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +8,8 @@ import torch
 
 from ulvideo.cli import main as cli_main
 from ulvideo.config import load_config
-from ulvideo.evaluation import score_shapes_reconstructions
-from ulvideo.shapes import manifest_specs
+from ulvideo.eval.reports import score_shapes_reconstructions
+from ulvideo.data.shapes import manifest_specs
 
 
 class Relay:

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import test_resume as R
-from ulvideo import checkpoint as ckpt
+from ulvideo.train import checkpoint as ckpt
 
 # Runs `ulvideo` with StageOne.forward wrapped to inject faults, planned per step in $ULV_FAULTS:
 # {"<step index or *>": ["loss" | "grad", micro index]}. "loss" makes the loss NaN with a finite
 # gradient (only the loss check catches it); "grad" keeps the loss finite with a NaN gradient.
 INJECT = r"""
 import json, os, sys, torch
-import ulvideo.objectives as O
+import ulvideo.train.objectives as O
 plan = json.loads(os.environ["ULV_FAULTS"])
 seen = {}
 class NanGrad(torch.autograd.Function):
@@ -74,7 +74,7 @@ def copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
 
 
 def test_ema_never_absorbs_non_finite_weights():
-    from ulvideo.train import EMA
+    from ulvideo.train.loop import EMA
 
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.5)
@@ -94,7 +94,7 @@ def test_ema_never_absorbs_non_finite_weights():
 def test_ema_warmup_decay_follows_the_closed_form():
     """Warm-up: step k uses min(decay, (1 + k) / (10 + k)); after n steps of constant weights w
     the EMA is prod(d_k) w_0 + (1 - prod(d_k)) w."""
-    from ulvideo.train import EMA
+    from ulvideo.train.loop import EMA
 
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.99, warmup=True)

@@ -1,4 +1,6 @@
 """FVD: Frechet distance vs SciPy and closed forms, mergeable float64 statistics, presets, CLI."""
+import hashlib
+from pathlib import Path
 import json
 
 import numpy as np
@@ -6,8 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from ulvideo import fvd
-from ulvideo.metrics import FeatureStats, frechet_distance, fvd_from_stats
+from ulvideo.eval import fvd
+from ulvideo.eval.metrics import FeatureStats, frechet_distance, fvd_from_stats
 
 
 def spd(rng, d, floor):
@@ -190,7 +192,7 @@ def test_each_preset_hands_the_network_what_its_source_does(tmp_path):
 
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(FakeDetector()).save(str(path))
-    digest = fvd.sha256_file(path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     # StyleGAN-V: uint8 clips at the dataset resolution, rescale=True, resize=True, return_features=True.
     ext = fvd.load_extractor("stylegan-v-2048-16f", path, digest)
     out = ext(clip)
@@ -258,7 +260,7 @@ def test_cli_ref_records_protocol_weights_versions(tiny):
     assert stats.count == 4 and sum(meta["skipped"].values()) == 1
     assert meta["data"].endswith("train") and meta["num_clips"] == 4
     assert meta["protocol"] == {**TINY.__dict__, "value_range": list(TINY.value_range)}
-    assert meta["weights"]["sha256"] == fvd.sha256_file(weights) and "torch" in meta["versions"]
+    assert meta["weights"]["sha256"] == hashlib.sha256(Path(weights).read_bytes()).hexdigest() and "torch" in meta["versions"]
 
 
 def test_cli_calc_folder(tiny):
@@ -268,7 +270,7 @@ def test_cli_calc_folder(tiny):
     assert run_cli(["fvd", "calc", "--videos", str(tmp / "data/train"), *common, "--out", str(tmp / "same.json")]) == 0
     same = json.loads((tmp / "same.json").read_text())
     assert 0.0 <= same["fvd"] < 1e-6 and same["num_gen"] == 4 and same["preset"] == "tiny-test"
-    assert same["weights"]["sha256"] == fvd.sha256_file(weights) and same["ref"]["sha256"] == fvd.sha256_file(tmp / "ref.npz")
+    assert same["weights"]["sha256"] == hashlib.sha256(Path(weights).read_bytes()).hexdigest() and same["ref"]["sha256"] == hashlib.sha256(Path(tmp / "ref.npz").read_bytes()).hexdigest()
     assert run_cli(["fvd", "calc", "--videos", str(tmp / "noise"), *common, "--out", str(tmp / "noise.json")]) == 0
     assert json.loads((tmp / "noise.json").read_text())["fvd"] > 1e-3
 

@@ -1,11 +1,13 @@
 """I3D network and weight loading: key layout, TF SAME padding, determinism, clear errors."""
+import hashlib
+from pathlib import Path
 import math
 
 import pytest
 import torch
 
-from ulvideo import fvd
-from ulvideo.nets.i3d import MIN_FRAMES, InceptionI3d, _same_pad
+from ulvideo.eval import fvd
+from ulvideo.eval.i3d import MIN_FRAMES, InceptionI3d, _same_pad
 
 # The public i3d_pretrained_400.pt layout (VideoGPT / TATS / cd-FVD `pytorch_i3d.py`), written out
 # here from that layout: (name, in, out, kernel) of every convolution, blocks as
@@ -137,7 +139,7 @@ def test_load_standard_state_dict(tmp_path):
     own = loaded.state_dict()
     for k, v in state.items():
         assert torch.equal(own[k], v), k
-    assert record["sha256"] == fvd.sha256_file(path) and len(record["sha256"]) == 64
+    assert record["sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest() and len(record["sha256"]) == 64
 
 
 def test_load_state_dict_by_env_folder(tmp_path, monkeypatch):
@@ -191,7 +193,7 @@ class FakeDetector(torch.nn.Module):
 def test_torchscript_loads_only_with_a_confirmed_hash(tmp_path):
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(FakeDetector()).save(str(path))
-    digest = fvd.sha256_file(path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     with pytest.raises(fvd.WeightsError, match=digest):
         fvd.load_weights("i3d_torchscript", path)
     with pytest.raises(fvd.WeightsError, match="sha256 is"):

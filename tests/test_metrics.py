@@ -6,8 +6,8 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from ulvideo import metrics
-from ulvideo.metrics import FeatureStats, ReconstructionMetrics, frechet_distance
+from ulvideo.eval import metrics
+from ulvideo.eval.metrics import FeatureStats, ReconstructionMetrics, frechet_distance
 
 
 def test_psnr_closed_form():

@@ -126,7 +126,7 @@ def test_train_4_equals_train_2_resume_2(zero, offload, data, tmp_path):
 
 def test_deepspeed_config_follows_the_training_config():
     from ulvideo.config import ConfigError, load_config
-    from ulvideo.train import deepspeed_config
+    from ulvideo.train.loop import deepspeed_config
 
     cfg = load_config("configs/ul/tiny.yaml", ["--train.global_batch_size=32", "--train.micro_batch_size=2",
                                                 "--train.zero_stage=3", "--train.offload_optimizer=true"])

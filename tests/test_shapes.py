@@ -3,7 +3,6 @@ rendered from, closed-form areas and centroid tracks, scipy's Gaussian blur, H.2
 by PyAV directly (not through ulvideo.videoio)."""
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from ulvideo import shapes
+from ulvideo.data import shapes
 from ulvideo.cli import main as cli_main
-from ulvideo.shapes import (BACKGROUND, COLOURS, DIAMETERS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption,
+from ulvideo.data.shapes import (BACKGROUND, COLOURS, DIAMETERS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption,
                             heldout_combinations, make_dataset_specs, measure_clip, paraphrase, parse_caption,
                             render_clip, score, true_centroids)
 from ulvideo.videoio import write_video
@@ -191,5 +190,6 @@ def test_synth_cli_writes_mp4_captions_and_manifest(tmp_path):
     assert shapes.manifest_specs(out) == {f"shape_{i:05d}.mp4": s
                                           for i, s in enumerate(make_dataset_specs(6, 5, exclude=held))}
     # a smaller rerun into the same folder would leave stale clips behind: refused
-    args = argparse.Namespace(out=str(out), num=3, frames=9, size=32, seed=5, fps=8)
-    assert shapes.main_synth(args) == 2
+    argv[argv.index("--num") + 1] = "3"
+    assert cli_main(argv) == 2
+    assert len(list(out.glob("*.mp4"))) == 6

@@ -8,9 +8,10 @@ import torch
 
 from ulvideo import diffusion as D
 from conftest import run_ulvideo
-from ulvideo.checkpoint import ExportError, save_export
+from ulvideo.exports import ExportError, save_export
 from ulvideo.config import load_config
-from ulvideo.generate import load_pipeline, load_stage1
+from ulvideo.exports import load_stage1
+from ulvideo.generate import load_pipeline
 from ulvideo.ul import Condition, UnifiedLatents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +55,11 @@ def test_encode_writes_shards_with_text(pair):
     # the shard's latents are the encoder's output on the same (centred) clip
     from safetensors.torch import load_file
 
-    from ulvideo.generate import _read_input
+    from ulvideo.generate import read_input
 
     stage1 = load_stage1(export1)
     src = meta["sources"][0]
-    x = _read_input(str(data / src) if not Path(src).is_absolute() else src, 5, stage1.cfg)
+    x = read_input(str(data / src) if not Path(src).is_absolute() else src, 5, stage1.cfg)
     with torch.no_grad():
         torch.testing.assert_close(load_file(str(shards / "shard-00000.safetensors"))["z_clean"][0], stage1.encode(x)[0],
                                    rtol=1e-4, atol=1e-4)
@@ -110,9 +111,9 @@ def test_guidance_one_is_the_conditional_prediction(pipe):
 
 def test_frame_prediction_keeps_the_context(pair, pipe):
     data = pair[3]
-    from ulvideo.generate import _read_input
+    from ulvideo.generate import read_input
 
-    ctx = _read_input(str(data / "shape_00003.mp4"), 5, pipe.stage1.cfg)
+    ctx = read_input(str(data / "shape_00003.mp4"), 5, pipe.stage1.cfg)
     shape = (1, pipe.stage1.latent_channels, *pipe.stage1.encoder.latent_shape(5, 16, 16))
     cond, null = pipe.condition([""], None, ctx, shape)
     assert cond.context_mask.tolist() == [[True, False]]

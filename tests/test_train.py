@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_ulvideo
-from ulvideo.checkpoint import load_export
-from ulvideo.generate import load_stage1
+from ulvideo.exports import load_export
+from ulvideo.exports import load_stage1
 from ulvideo.ul import UnifiedLatents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
 def test_exports_from_before_head_norm_groups_keep_their_head(tmp_path):
     """An export whose config predates `encoder.head_norm_groups` was trained with the head norm in
     the trunk's grouping; it must load that way, not with today's one-group default."""
-    from ulvideo.checkpoint import save_export
+    from ulvideo.exports import save_export
     from ulvideo.config import Config
     from ulvideo.nets.layers import norm_groups
 

@@ -287,7 +287,7 @@ def test_startup_options_are_validated():
 
 
 def test_startup_scale_fades_as_the_rate_ramps_in():
-    from ulvideo.objectives import StageOne
+    from ulvideo.train.objectives import StageOne
 
     cfg = load_config(None, ["--ul.rate_hold_steps=10", "--ul.rate_ramp_steps=20", "--ul.startup_recon_weight=1"])
     obj = StageOne(cfg)
@@ -347,7 +347,7 @@ def test_decoder_gain_matches_rolled_latent_difference(model):
 
 
 def test_activation_checkpointing_keeps_values_and_gradients():
-    from ulvideo.activation_checkpointing import apply_activation_checkpointing
+    from ulvideo.train.apply import apply_activation_checkpointing
 
     torch.manual_seed(0)
     cfg = load_config(None, ["--data.num_frames=5", "--data.height=16", "--data.width=16", "--encoder.latent_channels=4"])
@@ -411,7 +411,7 @@ def test_mse_decoder_baseline():
 def test_startup_term_keeps_its_own_schedule(monkeypatch):
     """`ul.startup_hold_steps` / `startup_fade_steps`: scale 1, a linear fade, then 0, whatever the
     rate does; the scale the loss receives is the one logged."""
-    from ulvideo.objectives import StageOne
+    from ulvideo.train.objectives import StageOne
 
     cfg = load_config(None, ["--ul.rate_hold_steps=10", "--ul.rate_ramp_steps=20", "--ul.startup_recon_weight=1",
                              "--ul.startup_hold_steps=4", "--ul.startup_fade_steps=4"])

@@ -1,4 +1,4 @@
-"""`ulvideo <command>`: argument parsing only. Each command's work lives in its own module.
+"""`ulvideo <command>`: argument parsing, and handlers that only call the library.
 
     ulvideo data synth --out data/shapes --num 256
     ulvideo train configs/ul/tiny.yaml --run-dir runs/tiny --train.steps=500
@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
+import json
 import sys
+from pathlib import Path
 
 
-def _handler(module: str, func: str):
-    """Resolve `ulvideo.<module>.<func>` lazily, so `--help` never imports torch."""
+def _lazy(module: str, func: str):
+    """A handler that imports `ulvideo.<module>.<func>` when it runs, so `--help` never imports torch."""
 
     def run(args: argparse.Namespace) -> int:
-        name = f"ulvideo.{module}"
-        if importlib.util.find_spec(name) is None or not hasattr(importlib.import_module(name), func):
-            print(f"ulvideo {args.command}: not available in this version ({name}.{func} is not implemented yet)", file=sys.stderr)
-            return 2
-        return getattr(importlib.import_module(name), func)(args) or 0
+        return getattr(importlib.import_module(f"ulvideo.{module}"), func)(args) or 0
 
     return run
 
@@ -37,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Rerunning the same command resumes from the run dir's latest checkpoint.")
     t.add_argument("config", help="YAML config (e.g. configs/ul/tiny.yaml)")
     t.add_argument("--run-dir", required=True, help="run directory: config, metrics, checkpoints, exports")
-    t.set_defaults(run=_handler("train", "main"))
+    t.set_defaults(run=cmd_train)
 
     g = sub.add_parser("generate", help="generate clips from prompts, class labels or context frames")
     g.add_argument("--export", required=True, help="stage-1 export (.safetensors)")
@@ -61,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode the sampled z0, or alpha0 times the final clean prediction")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--out", required=True, help="output .mp4 or .gif (a directory when several prompts)")
-    g.set_defaults(run=_handler("generate", "main_generate"))
+    g.set_defaults(run=cmd_generate)
 
     e = sub.add_parser("encode", help="encode a video (or a dataset into latent shards) with a stage-1 export")
     e.add_argument("--export", required=True)
@@ -78,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory flat in clip length")
     e.add_argument("--tile", type=int, default=None,
                    help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
-    e.set_defaults(run=_handler("generate", "main_encode"))
+    e.set_defaults(run=cmd_encode)
 
     d = sub.add_parser("decode", help="decode a latent file into a video with a stage-1 export")
     d.add_argument("--export", required=True)
@@ -96,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory flat in clip length")
     d.add_argument("--tile", type=int, default=None,
                    help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
-    d.set_defaults(run=_handler("generate", "main_decode"))
+    d.set_defaults(run=cmd_decode)
 
     f = sub.add_parser("fvd", help="Frechet video distance: reference statistics and scores")
     fsub = f.add_subparsers(dest="fvd_command", metavar="ACTION", required=True)
@@ -108,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--batch-size", type=int, default=8)
     fr.add_argument("--i3d-sha256", default=None, help="confirm the weights' sha256 (needed for a TorchScript file)")
     fr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    fr.set_defaults(run=_handler("fvd", "main_ref"))
+    fr.set_defaults(run=_lazy("eval.fvd", "main_ref"))
     fc = fsub.add_parser("calc", help="score generated videos against reference statistics")
     fsrc = fc.add_mutually_exclusive_group(required=True)
     fsrc.add_argument("--videos", help="a folder of generated videos")
@@ -126,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     fc.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     fc.add_argument("--out", default=None, help="write the result as JSON here too")
-    fc.set_defaults(run=_handler("fvd", "main_calc"))
+    fc.set_defaults(run=_lazy("eval.fvd", "main_calc"))
 
     da = sub.add_parser("data", help="datasets: synthesize the built-in shapes data, scan a folder")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -137,13 +134,211 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--size", type=int, default=64)
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--fps", type=int, default=8)
-    ds.set_defaults(run=_handler("shapes", "main_synth"))
+    ds.set_defaults(run=cmd_synth)
     dc = dsub.add_parser("scan", help="report usable and skipped files of a dataset folder")
     dc.add_argument("dir")
     dc.add_argument("--out", default=None, help="JSON report path (default: DIR/scan.json)")
     dc.add_argument("--backend", default="auto")
-    dc.set_defaults(run=_handler("data", "main_scan"))
+    dc.set_defaults(run=cmd_scan)
     return p
+
+
+# ---- handlers ------------------------------------------------------------------------------
+
+
+def _tiling(args):
+    """`--tile P` as a streaming.Tiling (None without it)."""
+    from ulvideo import streaming
+
+    return streaming.Tiling(args.tile) if args.tile else None
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from ulvideo.exports import ExportError, load_stage1
+    from ulvideo.generate import read_input
+
+    try:
+        model = load_stage1(args.export)
+    except ExportError as e:
+        print(f"ulvideo encode: {e}", file=sys.stderr)
+        return 2
+    if args.data:
+        from ulvideo.data.encode import encode_dataset
+
+        return encode_dataset(model, args)
+    from safetensors.torch import save_file
+
+    x = read_input(args.input, args.num_frames, model.cfg)
+    with torch.no_grad():
+        if args.chunk or args.tile:
+            from ulvideo import streaming
+
+            z = streaming.encode(model, x, args.chunk, tiling=_tiling(args))[0]
+        else:
+            z = model.encode(x)[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"z_clean": z.contiguous()}, args.out, metadata={"source": str(args.input), "num_frames": str(x.shape[2])})
+    print(f"z_clean {tuple(z.shape)} -> {args.out}")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from ulvideo.exports import ExportError, load_stage1
+
+    from ulvideo.videoio import to_uint8, write_png_grid, write_video
+
+    try:
+        model = load_stage1(args.export, args.logsnr_end)
+    except (ExportError, ValueError) as e:
+        print(f"ulvideo decode: {e}", file=sys.stderr)
+        return 2
+    z = load_file(args.input)["z_clean"]
+    if z.ndim == 4:
+        z = z[None]
+    if z.shape[1] != model.latent_channels:
+        print(f"ulvideo decode: {args.input} has {z.shape[1]} latent channels, the export expects {model.latent_channels}", file=sys.stderr)
+        return 2
+    if args.chunk or args.tile:
+        # per-frame noise streams: chunked, tiled and one-pass decoding draw the same sample
+        from ulvideo import streaming
+
+        with torch.no_grad():
+            z0 = streaming.noisy_latent(model, z, seed=args.seed, mode=args.latent_noise)
+            clip = streaming.decode(model, z0, args.chunk, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                    tiling=_tiling(args))
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        z0 = model.noisy_latent(z, g, args.latent_noise)
+        clip = model.decode(z0, steps=args.steps, sampler=args.sampler, generator=g)
+    video = to_uint8(clip)[0]
+    write_video(args.out, video)
+    if not args.out.endswith(".png"):
+        write_png_grid(Path(args.out).with_suffix(".png"), [video])
+    print(json.dumps({"out": args.out, "frames": video.shape[0], "steps": args.steps, "sampler": args.sampler,
+                      "logsnr_end": model.sample_logsnr_end(), "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk, "tile": args.tile}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from ulvideo.generate import load_pipeline, read_input
+
+    from ulvideo.videoio import write_png_grid, write_video
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    try:
+        pipe = load_pipeline(args.export, args.base, args.decoder_logsnr_end)
+    except Exception as e:  # missing text encoder, mismatched exports: one clear line
+        print(f"ulvideo generate: {e}", file=sys.stderr)
+        return 2
+    labels = list(args.label)
+    n = max(len(prompts), len(labels), 1)
+    context = None
+    if args.context:
+        context = read_input(args.context, None, pipe.base_cfg)
+    out = Path(args.out)
+    several = n > 1
+    if several:
+        out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=n, desc="generate")
+    index = 0
+    for start in range(0, n, args.batch_size):
+        p = prompts[start:start + args.batch_size] or None
+        lab = labels[start:start + args.batch_size] or None
+        ctx = context.expand(len(p or lab or [0]), *context.shape[1:]) if context is not None else None
+        videos = pipe(p, labels=lab, seed=args.seed + start, num_frames=args.num_frames, steps=args.steps,
+                      decoder_steps=args.decoder_steps, sampler=args.sampler, guidance=args.guidance,
+                      context=ctx, decode_from=args.decode_from, decoder_sampler=args.decoder_sampler)
+        for v in videos:
+            path = out / f"sample_{index:04d}.mp4" if several else out
+            write_video(path, v)
+            write_png_grid(Path(path).with_suffix(".png"), [v])
+            index += 1
+            bar.update(1)
+    bar.close()
+    return 0
+
+
+def cmd_train(args) -> int:
+    """`ulvideo train CONFIG --run-dir DIR [--a.b=v ...]`: status 2 for a bad setting (before any
+    process group starts), 3 when non-finite steps stopped the run."""
+    import logging
+    import os
+
+    from ulvideo.config import ConfigError, load_config
+    from ulvideo.exports import ExportError
+    from ulvideo.train.loop import NonFiniteError, Trainer, preflight_all, world_size_from_env
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    first = os.environ.get("RANK", "0") == "0"
+    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
+    overrides = [o for o in args.overrides if not o.startswith("--local_rank=")]
+    run_dir = Path(args.run_dir)
+    try:
+        cfg = load_config(args.config, overrides)
+        preflight_all(cfg, run_dir, world_size_from_env())  # before any process group starts
+    except (ConfigError, ExportError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if first:
+            print(f"ulvideo train: {e}", flush=True)
+        return 2
+    try:
+        trainer = Trainer(cfg, run_dir)
+        finished = trainer.fit()
+    except NonFiniteError as e:
+        print(f"ulvideo train: {e}", flush=True)
+        return 3
+    if trainer.is_main:
+        what = "done" if finished else "stopped (SIGTERM)"
+        print(f"{what}: step {trainer.step}; exports in {run_dir / 'exports'}; "
+              f"reconstructions in {run_dir / 'samples'}", flush=True)
+    return 0
+
+
+def cmd_synth(args) -> int:
+    """`ulvideo data synth`: the built-in moving-shapes clips."""
+    from ulvideo.data.shapes import write_dataset
+
+    if args.num < 1 or args.frames < 1 or args.size < 16 or args.size % 2 or args.fps <= 0:
+        print(f"ulvideo data synth: need --num >= 1, --frames >= 1, an even --size >= 16 and --fps > 0 "
+              f"(got {args.num}, {args.frames}, {args.size}, {args.fps})", file=sys.stderr)
+        return 2
+    try:
+        count = write_dataset(args.out, args.num, args.frames, args.size, args.seed, args.fps)
+    except FileExistsError as e:
+        print(f"ulvideo data synth: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps} fps) to {args.out}")
+    return 0
+
+
+def cmd_scan(args) -> int:
+    """`ulvideo data scan DIR`: the usable and the skipped files, written as JSON."""
+    from ulvideo.data.scan import scan, write_report
+
+    report = scan(args.dir, backend=args.backend)
+    out = write_report(report, Path(args.out) if args.out else Path(args.dir) / "scan.json")
+    s = report["summary"]
+    print(f"{report['dir']}: {s['usable_videos']} videos ({s['total_duration_s']:.1f} s, {s['total_frames']} frames), "
+          f"{s['usable_images']} images usable")
+    if s["resolutions"]:
+        print("  sizes: " + ", ".join(f"{k} ({n})" for k, n in list(s["resolutions"].items())[:8]))
+    if s["fps"]:
+        print("  fps:   " + ", ".join(f"{k} ({n})" for k, n in list(s["fps"].items())[:8]))
+    for item in report["skipped"]:
+        print(f"  skipped {item['path']}: {item['reason']}" + (f" ({item['detail']})" if item["detail"] else ""))
+    print(f"report: {out}")
+    if not (s["usable_videos"] or s["usable_images"]):
+        print("no usable files", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,7 +187,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations on the held-out set (0 = off)
     num_clips: int = 8
     decoder_steps: int = 32
-    fvd_preset: str = ""  # a name in ulvideo.fvd.PRESETS; rFVD is logged only when set and weights exist
+    fvd_preset: str = ""  # a name in ulvideo.eval.fvd.PRESETS; rFVD is logged only when set and weights exist
     i3d_weights: str = ""  # file or folder; empty: $ULVIDEO_I3D, then the cache dir
     i3d_sha256: str = ""  # confirms a TorchScript I3D file whose hash no publisher states
 

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ulvideo.exports import file_sha256
+
 __all__ = ["TextEncoder", "TextEncoderError", "load_text_encoder", "minilm_path"]
 
 INSTALL_HINT = "pip install 'ulvideo[text]' torch==2.13.0"
@@ -145,14 +147,6 @@ def _model_class(transformers, model_type: str):
     return transformers.AutoModel
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class TextEncoder:
     """A frozen Hugging Face text encoder: prompts -> (token embeddings, mask). See the module doc.
 
@@ -237,7 +231,7 @@ class TextEncoder:
         if self._fingerprint is None:
             h = hashlib.sha256()
             for label, path in self._files:
-                h.update(f"{label}\0{_file_digest(path)}\n".encode())
+                h.update(f"{label}\0{file_sha256(path)}\n".encode())
             kind = "minilm" if self.name == "minilm" else "hf"
             self._fingerprint = f"{kind}:{self.model_type}:{h.hexdigest()[:16]}"
         return self._fingerprint

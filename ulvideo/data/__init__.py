@@ -7,11 +7,11 @@ clip sampling with exact resume. `ulvideo.data.loader` describes the batches; `s
 from ulvideo.data.latents import LatentEntry, find_shards, write_latent_shard
 from ulvideo.data.loader import ClipLoader, build_loader, resize_crop, resolve_kind
 from ulvideo.data.sampling import ClipSpec, Planner, Request, frame_indices, rng_for
-from ulvideo.data.scan import main_scan, scan
+from ulvideo.data.scan import scan, write_report
 from ulvideo.data.sources import DataError, Entry, SkipLog, collect, heldout_key, sidecar_caption
 
 __all__ = [
     "ClipLoader", "ClipSpec", "DataError", "Entry", "LatentEntry", "Planner", "Request", "SkipLog",
-    "build_loader", "collect", "find_shards", "frame_indices", "heldout_key", "main_scan", "resize_crop",
-    "resolve_kind", "rng_for", "scan", "sidecar_caption", "write_latent_shard",
+    "build_loader", "collect", "find_shards", "frame_indices", "heldout_key", "resize_crop",
+    "resolve_kind", "rng_for", "scan", "sidecar_caption", "write_latent_shard", "write_report",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +38,7 @@ def scan(root: str, backend: str = "auto", threads: int = 4) -> dict:
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"scan: '{root}' is not a folder")
-    skips = SkipLog(level=logging.DEBUG)  # main_scan prints every skip itself
+    skips = SkipLog(level=logging.DEBUG)  # the CLI prints every skip itself
     report: dict = {"dir": root, "backend": backend, "videos": [], "images": []}
     for kind, exts, check in (("videos", VIDEO_EXTENSIONS, _check_video), ("images", IMAGE_EXTENSIONS, _check_image)):
         paths = walk_media(root, exts, skips)
@@ -78,24 +77,10 @@ def scan(root: str, backend: str = "auto", threads: int = 4) -> dict:
     return report
 
 
-def main_scan(args) -> int:
-    report = scan(args.dir, backend=getattr(args, "backend", "auto"))
-    out = Path(args.out) if getattr(args, "out", None) else Path(args.dir) / "scan.json"
+def write_report(report: dict, out: Path) -> Path:
+    """Write a `scan` report as JSON, atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out)
-    s = report["summary"]
-    print(f"{report['dir']}: {s['usable_videos']} videos ({s['total_duration_s']:.1f} s, {s['total_frames']} frames), "
-          f"{s['usable_images']} images usable")
-    if s["resolutions"]:
-        print("  sizes: " + ", ".join(f"{k} ({n})" for k, n in list(s["resolutions"].items())[:8]))
-    if s["fps"]:
-        print("  fps:   " + ", ".join(f"{k} ({n})" for k, n in list(s["fps"].items())[:8]))
-    for item in report["skipped"]:
-        print(f"  skipped {item['path']}: {item['reason']}" + (f" ({item['detail']})" if item["detail"] else ""))
-    print(f"report: {out}")
-    if not (s["usable_videos"] or s["usable_images"]):
-        print("no usable files", file=sys.stderr)
-        return 1
-    return 0
+    return out

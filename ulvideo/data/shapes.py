@@ -28,11 +28,9 @@ training caption ("a tiny crimson disc travelling westward"), to test prompt rob
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -431,40 +429,30 @@ def manifest_specs(folder: str | Path) -> dict[str, ShapeSpec]:
     return specs
 
 
-# ---------------------------------------------------------------------------------------------
-# `ulvideo data synth`
-
-
-def main_synth(args: argparse.Namespace) -> int:
-    """Write `<out>/shape_NNNNN.mp4` + `.txt` (caption) per clip, `manifest.jsonl` and `heldout.json`.
-
-    The combinations of `heldout_combinations()` are never rendered; `heldout.json` lists them.
-    """
+def write_dataset(out: str | Path, num: int, frames: int, size: int, seed: int = 0, fps: int = 8) -> int:
+    """Write `<out>/shape_NNNNN.mp4` + `.txt` (caption) per clip, `manifest.jsonl` and `heldout.json`
+    (`ulvideo data synth`); returns the number of clips. The combinations of `heldout_combinations()`
+    are never rendered; `heldout.json` lists them. A folder holding clips beyond `num` is refused
+    (FileExistsError), so no stale clips are trained on."""
     from tqdm import tqdm
 
     from ulvideo.videoio import write_video
 
-    if args.num < 1 or args.frames < 1 or args.size < 16 or args.size % 2 or args.fps <= 0:
-        print(f"ulvideo data synth: need --num >= 1, --frames >= 1, an even --size >= 16 and --fps > 0 "
-              f"(got {args.num}, {args.frames}, {args.size}, {args.fps})", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stale = [p.name for p in out.glob("shape_*.mp4") if not p.stem[6:].isdigit() or int(p.stem[6:]) >= args.num]
+    stale = [p.name for p in out.glob("shape_*.mp4") if not p.stem[6:].isdigit() or int(p.stem[6:]) >= num]
     if stale:
-        print(f"ulvideo data synth: {out} already holds {len(stale)} clips beyond --num {args.num} "
-              f"(e.g. {sorted(stale)[0]}); use an empty folder so no stale clips are trained on", file=sys.stderr)
-        return 2
+        raise FileExistsError(f"{out} already holds {len(stale)} clips beyond --num {num} (e.g. {sorted(stale)[0]}); "
+                              "use an empty folder so no stale clips are trained on")
     heldout = heldout_combinations()
-    specs = make_dataset_specs(args.num, args.seed, exclude=heldout)
+    specs = make_dataset_specs(num, seed, exclude=heldout)
     rows = []
     for i, spec in enumerate(tqdm(specs, desc="shapes", unit="clip")):
         name = f"shape_{i:05d}"
-        write_video(out / f"{name}.mp4", render_clip(spec, args.frames, args.size), fps=args.fps)
+        write_video(out / f"{name}.mp4", render_clip(spec, frames, size), fps=fps)
         (out / f"{name}.txt").write_text(caption(spec) + "\n", encoding="utf-8")
         rows.append({"path": f"{name}.mp4", "caption": caption(spec), "spec": spec.to_dict(),
-                     "num_frames": args.frames, "size": args.size, "fps": args.fps, "seed": args.seed})
+                     "num_frames": frames, "size": size, "fps": fps, "seed": seed})
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "heldout.json").write_text("[\n" + ",\n".join(json.dumps(c) for c in heldout) + "\n]\n", encoding="utf-8")
-    print(f"wrote {len(specs)} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps} fps) to {out}")
-    return 0
+    return len(specs)

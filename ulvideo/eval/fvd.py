@@ -48,8 +48,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ulvideo.metrics import FeatureStats, fvd_from_stats
-from ulvideo.nets.i3d import MIN_FRAMES, NUM_CLASSES, InceptionI3d
+from ulvideo.eval.metrics import FeatureStats, fvd_from_stats
+from ulvideo.exports import file_sha256
+from ulvideo.eval.i3d import MIN_FRAMES, NUM_CLASSES, InceptionI3d
 
 I3D_SIZE = 224
 
@@ -245,14 +246,6 @@ def find_weights(kind: str, path: str | os.PathLike | None = None) -> Path:
         f"or set ULVIDEO_I3D=PATH (the file or its folder)")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_state_dict_checked(model: torch.nn.Module, state: dict, source: str) -> None:
     """Strict load with an error that names missing/unexpected/mis-shaped keys."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -276,7 +269,7 @@ def load_weights(kind: str, path=None, sha256: str | None = None, device="cpu"):
     """(network, record). `record` holds kind, file, sha256 and how the hash was vouched for."""
     info = WEIGHTS[kind]
     p = find_weights(kind, path)
-    digest = sha256_file(p)
+    digest = file_sha256(p)
     expected = (sha256 or os.environ.get("ULVIDEO_I3D_SHA256") or info.sha256 or "").strip().lower()
     vouched = "published" if expected and expected == (info.sha256 or "") else ("user" if expected else "none")
     if expected and digest != expected:
@@ -517,7 +510,7 @@ def main_calc(args) -> int:
         print(f"ulvideo fvd calc: only {stats.count} usable clips (skipped: {skipped})", file=sys.stderr)
         return 2
     result = {"fvd": fvd_from_stats(ref, stats, p.covariance), "preset": p.name, "num_gen": stats.count,
-              "num_ref": ref.count, **_record(ext), "ref": {"file": str(args.ref), "sha256": sha256_file(args.ref)},
+              "num_ref": ref.count, **_record(ext), "ref": {"file": str(args.ref), "sha256": file_sha256(args.ref)},
               "source": source, "skipped": skipped}
     if stats.count < p.num_gen or (p.num_ref and ref.count < p.num_ref):
         result["warning"] = "fewer clips than the protocol's counts: not comparable with published numbers"

@@ -10,22 +10,14 @@ shards made by another export.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from ulvideo.exports import file_sha256
 from ulvideo.ul import UnifiedLatents
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def encode_dataset(model: UnifiedLatents, args) -> int:

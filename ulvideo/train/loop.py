@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ulvideo import checkpoint as ckpt
-from ulvideo.checkpoint import ExportError
-from ulvideo.config import Config, ConfigError, load_config, save_config
-from ulvideo.objectives import Objective, make_objective, preflight
+from ulvideo.config import Config, ConfigError, save_config
+from ulvideo.exports import save_export
+from ulvideo.train import checkpoint as ckpt
+from ulvideo.train.objectives import Objective, make_objective, preflight
 
 log = logging.getLogger("ulvideo.train")
 
@@ -313,7 +313,7 @@ class Trainer:
         set_backend(cfg.train.attention_backend)
         self.objective: Objective = make_objective(cfg)
         if cfg.train.activation_checkpointing:
-            from ulvideo.activation_checkpointing import apply_activation_checkpointing
+            from ulvideo.train.apply import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.objective.trained)
         trainable = [p for p in self.objective.parameters() if p.requires_grad]
@@ -379,8 +379,8 @@ class Trainer:
         if not self.is_main:
             return None
         meta = {"step": self.step, "stage": self.cfg.stage, **self.objective.export_meta()}
-        out = ckpt.save_export(self.run_dir / "exports" / f"{self.cfg.stage}_{ckpt.tag_for(self.step)}", weights, self.cfg, meta)
-        ckpt.save_export(self.run_dir / "exports" / "latest", weights, self.cfg, meta)
+        out = save_export(self.run_dir / "exports" / f"{self.cfg.stage}_{ckpt.tag_for(self.step)}", weights, self.cfg, meta)
+        save_export(self.run_dir / "exports" / "latest", weights, self.cfg, meta)
         return out
 
     # ---- one step --------------------------------------------------------------------------
@@ -493,30 +493,3 @@ class Trainer:
         if self.world > 1:
             torch.distributed.all_reduce(flag)
         return bool(flag.item() > 0)
-
-
-def main(args) -> int:
-    """`ulvideo train CONFIG --run-dir DIR [--a.b=v ...]`"""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    first = os.environ.get("RANK", "0") == "0"
-    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
-    overrides = [o for o in args.overrides if not o.startswith("--local_rank=")]
-    run_dir = Path(args.run_dir)
-    try:
-        cfg = load_config(args.config, overrides)
-        preflight_all(cfg, run_dir, world_size_from_env())  # before any process group starts
-    except (ConfigError, ExportError, FileNotFoundError, ValueError, RuntimeError) as e:
-        if first:
-            print(f"ulvideo train: {e}", flush=True)
-        return 2
-    try:
-        trainer = Trainer(cfg, run_dir)
-        finished = trainer.fit()
-    except NonFiniteError as e:
-        print(f"ulvideo train: {e}", flush=True)
-        return 3
-    if trainer.is_main:
-        what = "done" if finished else "stopped (SIGTERM)"
-        print(f"{what}: step {trainer.step}; exports in {run_dir / 'exports'}; "
-              f"reconstructions in {run_dir / 'samples'}", flush=True)
-    return 0

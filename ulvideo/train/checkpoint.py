@@ -1,12 +1,10 @@
-"""Two artifacts (DESIGN.md §4):
+"""Resumable training state (DESIGN.md §4; exports are `ulvideo.exports`).
 
-* **Training state** — `RUN/checkpoints/step_XXXXXXX/`: DeepSpeed's (sharded) model/optimizer/scheduler
-  files, `ema.safetensors`, `state.json` (step, data position, counters). Written under a temporary
-  name and renamed when complete; `RUN/checkpoints/latest` (a one-line file) is updated last, so a
-  crash at any moment leaves the previous complete checkpoint in place. DeepSpeed's files are
-  pickles: resume only from run directories you wrote yourself.
-* **Export** — `name.safetensors` (EMA weights) + `name.json` (resolved config + metadata): the only
-  thing encode/decode/generate/FVD load. No pickle is involved.
+`RUN/checkpoints/step_XXXXXXX/`: DeepSpeed's (sharded) model/optimizer/scheduler files,
+`ema.safetensors`, `state.json` (step, data position, counters). Written under a temporary name and
+renamed when complete; `RUN/checkpoints/latest` (a one-line file) is updated last, so a crash at any
+moment leaves the previous complete checkpoint in place. DeepSpeed's files are pickles: resume only
+from run directories you wrote yourself.
 """
 from __future__ import annotations
 
@@ -18,69 +16,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ulvideo.config import Config, ConfigError, from_dict, to_dict
+from ulvideo.config import ConfigError
+from ulvideo.exports import atomic_write_text
 
-
-class ExportError(RuntimeError):
-    pass
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_export(path: str | os.PathLike, weights: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any] | None = None) -> Path:
-    """Write `path` (.safetensors) and its `.json` sidecar atomically. Returns the .safetensors path."""
-    path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "ulvideo-export"})
-    os.replace(tmp, path)
-    _atomic_write_text(path.with_suffix(".json"), json.dumps({"config": to_dict(cfg), "meta": meta or {}}, indent=2))
-    return path
-
-
-def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dict[str, torch.Tensor], Config, dict]:
-    """(weights, config, meta) of an export; a clear error when either file is missing or broken."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
-    side = path.with_suffix(".json")
-    if not path.is_file():
-        raise ExportError(f"export weights not found: {path}")
-    if not side.is_file():
-        raise ExportError(f"export config not found: {side} (an export is NAME.safetensors + NAME.json)")
-    try:
-        info = json.loads(side.read_text())
-        encoder = info["config"].get("encoder")
-        if isinstance(encoder, dict) and "head_norm_groups" not in encoder:
-            # written before the field existed: those weights were trained with the head norm in
-            # the trunk's grouping (0), not today's default of one group
-            info["config"]["encoder"] = {**encoder, "head_norm_groups": 0}
-        cfg = from_dict(info["config"], str(side))
-    except (ValueError, KeyError) as e:
-        raise ExportError(f"{side}: not a ulvideo export config ({e})") from e
-    try:
-        weights = load_file(str(path), device=map_location)
-    except Exception as e:  # safetensors raises its own error types
-        raise ExportError(f"{path}: cannot read safetensors ({e})") from e
-    return weights, cfg, info.get("meta", {})
-
-
-# --------------------------------------------------------------------------------------------
-# Training state
-# --------------------------------------------------------------------------------------------
 
 UNIVERSAL = "universal"  # subfolder of a checkpoint holding its DeepSpeed universal-format copy
 FAULT_ENV = "ULVIDEO_FAULT_SAVE_PAUSE"  # POINT:SECONDS, see fault_pause
@@ -168,7 +110,7 @@ def finish_save(ckpt_dir: Path, step: int, ema: dict[str, torch.Tensor], state: 
     sync_tree(tmp)
     os.replace(ema_tmp, tmp / "ema.safetensors")
     # state.json last inside the directory: its presence marks the checkpoint complete
-    _atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     _sync_dir(tmp)
     final = ckpt_dir / tag_for(step)
     if final.exists():  # a save of this step that completed before a crash; replaced whole
@@ -176,7 +118,7 @@ def finish_save(ckpt_dir: Path, step: int, ema: dict[str, torch.Tensor], state: 
     os.replace(tmp, final)
     _sync_dir(ckpt_dir)
     fault_pause("renamed")
-    _atomic_write_text(ckpt_dir / "latest", final.name + "\n")
+    atomic_write_text(ckpt_dir / "latest", final.name + "\n")
     _sync_dir(ckpt_dir)
     complete = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name != final.name)
     for old in complete[:max(0, len(complete) - (keep_last - 1))]:

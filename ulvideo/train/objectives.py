@@ -121,7 +121,7 @@ class StageOne(Objective):
 
     @torch.no_grad()
     def evaluate(self, ema_weights: dict, out_dir: Path, step: int) -> dict:
-        from ulvideo.evaluation import reconstruction_report
+        from ulvideo.eval.reports import reconstruction_report
 
         model = UnifiedLatents(self.cfg)
         model.load_state_dict(ema_weights)
@@ -136,7 +136,7 @@ class StageTwo(Objective):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        from ulvideo.generate import load_stage1
+        from ulvideo.exports import load_stage1
         from ulvideo.text import load_text_encoder
         from ulvideo.ul import LatentDiffusion
 
@@ -257,7 +257,7 @@ def preflight(cfg: Config) -> None:
     if cfg.stage not in OBJECTIVES:
         raise ConfigError(f"stage '{cfg.stage}' is not available in this version (known: {', '.join(OBJECTIVES)})")
     if cfg.stage == "base":
-        from ulvideo.checkpoint import load_export
+        from ulvideo.exports import load_export
 
         load_export(cfg.base.stage1_export)  # raises a clear error when missing or broken
         name = cfg.base.text_encoder
@@ -266,7 +266,7 @@ def preflight(cfg: Config) -> None:
                               "(use 'minilm', 'none', or a local Hugging Face T5/CLIP folder)")
         info = shard_encoding(cfg.data.path)
         if info is not None:
-            from ulvideo.encode_dataset import file_sha256
+            from ulvideo.exports import file_sha256
 
             export = Path(cfg.base.stage1_export).with_suffix(".safetensors")
             if info.get("stage1_sha256") != file_sha256(export):

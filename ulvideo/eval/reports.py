@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ulvideo.metrics import ReconstructionMetrics
+from ulvideo.eval.metrics import ReconstructionMetrics
 from ulvideo.ul import UnifiedLatents
 from ulvideo.videoio import to_uint8, write_png_grid, write_video
 
@@ -50,8 +50,8 @@ def score_shapes_reconstructions(model: UnifiedLatents, data_cfg, folder: str | 
     import numpy as np
 
     from ulvideo.data import build_loader
-    from ulvideo.metrics import psnr
-    from ulvideo.shapes import manifest_specs, measure_clip, score
+    from ulvideo.eval.metrics import psnr
+    from ulvideo.data.shapes import manifest_specs, measure_clip, score
 
     specs = manifest_specs(folder)
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,118 @@
+"""Exports: the EMA weights of a trained model as `NAME.safetensors` + `NAME.json` (the resolved
+config and metadata). The only thing inference, encode/decode, generate and FVD load; no pickle is
+involved (DESIGN.md §4). Also the one file hash of the project.
+
+    from ulvideo.exports import load_stage1, load_base
+    stage1 = load_stage1("runs/tiny/exports/latest.safetensors")
+    base, base_cfg, meta = load_base("runs/base_tiny/exports/latest.safetensors", stage1)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ulvideo.config import Config, from_dict, to_dict
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_export(path: str | os.PathLike, weights: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any] | None = None) -> Path:
+    """Write `path` (.safetensors) and its `.json` sidecar atomically. Returns the .safetensors path."""
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "ulvideo-export"})
+    os.replace(tmp, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"config": to_dict(cfg), "meta": meta or {}}, indent=2))
+    return path
+
+
+def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dict[str, torch.Tensor], Config, dict]:
+    """(weights, config, meta) of an export; a clear error when either file is missing or broken."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    side = path.with_suffix(".json")
+    if not path.is_file():
+        raise ExportError(f"export weights not found: {path}")
+    if not side.is_file():
+        raise ExportError(f"export config not found: {side} (an export is NAME.safetensors + NAME.json)")
+    try:
+        info = json.loads(side.read_text())
+        encoder = info["config"].get("encoder")
+        if isinstance(encoder, dict) and "head_norm_groups" not in encoder:
+            # written before the field existed: those weights were trained with the head norm in
+            # the trunk's grouping (0), not today's default of one group
+            info["config"]["encoder"] = {**encoder, "head_norm_groups": 0}
+        cfg = from_dict(info["config"], str(side))
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"{side}: not a ulvideo export config ({e})") from e
+    try:
+        weights = load_file(str(path), device=map_location)
+    except Exception as e:  # safetensors raises its own error types
+        raise ExportError(f"{path}: cannot read safetensors ({e})") from e
+    return weights, cfg, info.get("meta", {})
+
+
+def load_stage1(path: str | os.PathLike, decoder_logsnr_end: float | None = None):
+    """A stage-1 export as a `UnifiedLatents` in eval mode, without gradients; `decoder_logsnr_end`
+    replaces its `decoder.sample_logsnr_end`."""
+    from ulvideo.ul import UnifiedLatents
+
+    weights, cfg, meta = load_export(path)
+    if meta.get("stage", "ul") != "ul":
+        raise ExportError(f"{path} is a '{meta.get('stage')}' export, not a stage-1 (ul) export")
+    model = UnifiedLatents(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if decoder_logsnr_end is not None:
+        model.set_sample_logsnr_end(decoder_logsnr_end)
+    return model.eval().requires_grad_(False)
+
+
+def load_base(path: str | os.PathLike, stage1) -> tuple[Any, Config, dict]:
+    """A stage-2 export as a `LatentDiffusion` on `stage1`'s latents: (model, its config, its metadata)."""
+    from ulvideo.ul import LatentDiffusion
+
+    weights, cfg, meta = load_export(path)
+    if meta.get("stage") != "base":
+        raise ExportError(f"{path} is not a stage-2 (base) export")
+    s1 = stage1.cfg
+    if meta.get("latent_logsnr") != s1.ul.latent_logsnr or meta.get("prior_logsnr_min") != s1.ul.prior_logsnr_min:
+        raise ExportError(f"{path} was trained on latents with lambda_0 = {meta.get('latent_logsnr')}, "
+                          f"lambda_min = {meta.get('prior_logsnr_min')}; the stage-1 export has "
+                          f"{s1.ul.latent_logsnr}, {s1.ul.prior_logsnr_min}: the exports do not belong together")
+    model = LatentDiffusion(cfg, s1, text_dim=int(meta.get("text_dim", 0)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{path}: weights do not fit the stage-1 export's latents or its own config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval().requires_grad_(False), cfg, meta
