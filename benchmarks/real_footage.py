@@ -58,6 +58,8 @@ PAN_BOX = 0.5  # pan box side as a fraction of the photo's short side
 ZOOM_BOX = 0.7  # largest zoom box side, same
 PAN_SPEED = (0.25, 2.0)  # output pixels per frame, uniform
 ZOOM_TOTAL = (1.25, 1.6)  # total zoom over a clip, uniform
+# one thread, no sliced threads: PyAV's default (sliced threads) made x264's output vary between runs
+X264_THREADS = "threads=1:lookahead-threads=1:sliced-threads=0"
 FIELDS = ("path", "split", "source", "kind", "frames", "height", "width", "fps", "source_frame", "dx", "dy",
           "zoom", "caption")
 
@@ -215,7 +217,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 def encode_lossless_mp4(frames: np.ndarray, fps: float) -> bytes:
     """uint8 (T, H, W, 3) -> the bytes of an mp4 holding lossless RGB H.264 (libx264rgb, qp 0,
-    one thread: the same bytes every time)."""
+    one thread without sliced threads: the same bytes every time)."""
     import av
 
     buf = io.BytesIO()
@@ -223,8 +225,7 @@ def encode_lossless_mp4(frames: np.ndarray, fps: float) -> bytes:
         container.flags |= av.container.Flags.bitexact.value  # no library version strings in the muxer's output
         stream = container.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
-        stream.options = {"qp": "0", "preset": "medium"}
-        stream.codec_context.thread_count = 1
+        stream.options = {"qp": "0", "preset": "medium", "x264-params": X264_THREADS}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 container.mux(packet)
@@ -247,7 +248,8 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 
 def video_clips(name: str, frames: int, size: int, max_clips: int | None = None):
-    """(first source frame, fps, uint8 (frames, size, size, 3)) per non-overlapping window."""
+    """(first source frame, fps, uint8 (frames, size, size, 3)) per non-overlapping window. The
+    sources are decoded by PyAV, so a build does not depend on which readers are installed."""
     from ulvideo.videoio import probe, read_frames
 
     path = video_path(name)
@@ -255,7 +257,7 @@ def video_clips(name: str, frames: int, size: int, max_clips: int | None = None)
     box = centre_box(info.height, info.width)[None]
     starts = list(range(0, info.num_frames - frames + 1, frames))[:max_clips]
     for start in starts:
-        raw = read_frames(path, np.arange(start, start + frames), rotation=info.rotation)
+        raw = read_frames(path, np.arange(start, start + frames), "pyav", rotation=info.rotation)
         out = np.stack([render_frames(f, box, size)[0] for f in raw])
         yield start, info.fps, out
 
