@@ -21,6 +21,9 @@ One clip, one CRF (`rd_point`):
   the encoder detects a scene cut; B-frames and references as the preset sets them.
   Repeatable streams: one thread, and for x264 no sliced threads (PyAV's default, sliced
   threads on one thread, gave x264 streams that differ from run to run, about 1 run in 12).
+  x264's macroblock-tree rate control still varies between processes on a few 64x64 clips
+  (2 of the 27 real64 test clips, up to 3 % of their bits; mbtree=0 removes it but is not what
+  the preset ships): two sweeps' means differed by <= 0.3 % in bits and <= 0.01 dB.
   x265 gets `ctu=32` by default: with its default 64x64 CTU, x265 4.2 gave streams whose size
   differs from run to run by up to 3 % on 64x64 clips, whatever its threading; with 32x32 CTUs
   the 64x64 streams were identical (3 runs over the 27 real64 test clips at 3 CRFs) and 1-3 %
@@ -305,7 +308,12 @@ def main(argv=None) -> None:
         sys.exit(f"codec_rd: no {args.split} clips of kinds {kinds} in {args.data}")
     crfs = [float(c) if "." in c else int(c) for c in args.crfs.split(",")]
     command = "python benchmarks/codec_rd.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"what": "codec_rd", "command": command, "data": str(args.data),
+    shapes = sorted({(r["frames"], r["height"], r["width"]) for r in rows})
+    t, h = max(s[0] for s in shapes), shapes[0][1]
+    build = f"python benchmarks/real_footage.py build --out {args.data}" + (f" --frames {t}" if t != 17 else "") + (
+        f" --size {h}" if h != 64 else "")  # the defaults otherwise; the manifest's hash tells
+    result = {"what": "codec_rd", "command": command, "data_command": build, "data": str(args.data),
+              "clip_shapes": [f"{t}x{h}x{w}" for t, h, w in shapes],
               "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()[:16], "split": args.split,
               "kinds": kinds, "clips": [r["path"] for r in rows], "records": []}
     shown = ("codec", "crf", "bpp", "psnr", "ssim", "format_psnr", "seconds")

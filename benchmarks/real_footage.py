@@ -279,7 +279,7 @@ def photo_clips(name: str, frames: int, size: int, pans: int, zooms: int, seed: 
 
 
 def _fmt(v) -> str:
-    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+    return "" if v is None else (f"{v:.10g}" if isinstance(v, float) else str(v))
 
 
 def build(out: str | os.PathLike, *, frames: int = 17, size: int = 64, sources=None, max_clips: int | None = None,
