@@ -15,7 +15,7 @@ pytest.importorskip("skimage")
 av = pytest.importorskip("av")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.append(str(ROOT / "benchmarks"))  # real_footage, codec_rd
 import codec_rd as cr  # noqa: E402
 import real_footage as rf  # noqa: E402
 
