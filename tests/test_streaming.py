@@ -399,6 +399,9 @@ def test_cli_decode_is_one_clip_chunked_tiled_or_not(model, tmp_path, capsys):
     assert cli_main(["decode", "--export", str(export), "--input", str(tmp_path / "z.safetensors"),
                      "--out", str(tmp_path / "bad.png"), "--logsnr-end", "99"]) == 2
     assert "logsnr_end = 99" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+    assert cli_main(["decode", "--export", str(export), "--input", str(tmp_path / "z.safetensors"),
+                     "--out", str(tmp_path / "bad.png"), "--chunk", "3"]) == 2
+    assert "chunks of" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
 
 
 # ---- tiling ---------------------------------------------------------------------------------------

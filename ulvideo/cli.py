@@ -45,12 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", help="a file with one prompt per line")
     g.add_argument("--label", type=int, action="append", default=[], help="a class label (repeatable)")
     g.add_argument("--num-frames", type=int, default=None, help="pixel frames (1 + 4k); default: the training clip length")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=64, help="base-model sampler steps")
-    g.add_argument("--decoder-steps", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the base model's generator and the decoder's per-frame noise (a batch: seed + the index of its first clip)")
+    g.add_argument("--steps", type=int, default=64, help="base-model sampler steps (default: 64)")
+    g.add_argument("--decoder-steps", type=int, default=32, help="decoder sampler steps (default: 32)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base-model sampler (default: ddpm)")
     g.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default="ddim",
-                   help="decoder sampler (default: ddim, which keeps the shapes data's corners)")
+                   help="decoder sampler (default: ddim; on the shapes data it keeps the corners that tell "
+                        "the shapes apart)")
     g.add_argument("--decoder-logsnr-end", type=float, default=None,
                    help="the decoder's sampling stops at this logSNR and keeps its clean prediction there; "
                         "must lie in (decoder.logsnr_min, decoder.logsnr_max] (default: logsnr_max)")
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--logsnr-end", type=float, default=None,
                    help="stop sampling at this logSNR and keep the clean prediction there; must lie in "
                         "(decoder.logsnr_min, decoder.logsnr_max] (default: logsnr_max)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="all noise (z0's and the sampler's) is drawn per frame from it")
     d.add_argument("--latent-noise", choices=["sample", "mean"], default="sample",
                    help="z0 = alpha0 z_clean + sigma0 eps (sample, as in training) or alpha0 z_clean (mean)")
     d.add_argument("--chunk", type=int, default=None,
