@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--decoder-logsnr-end", type=lambda v: None if v.lower() == "none" else float(v), default=0.0,
                    help="the decoder's sampling stops at this logSNR and keeps its clean prediction there "
                         "(0: shape 75 %% against 69 %% sampling to logSNR 15, README, Benchmarks; "
-                        "'none': the stage-1 export's decoder.sample_logsnr_end, else its logsnr_max)")
+                        "'none': the decoder's logsnr_max)")
     p.add_argument("--seed-offsets", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                    help="comma-separated: clip i is generated with seed offset + i; the captions are scored at "
                         "every offset (the paraphrases at the first)")
@@ -87,7 +87,8 @@ def main() -> None:
     train_s = time.time() - t_start
 
     from ulvideo.data import build_loader
-    from ulvideo.generate import load_pipeline, tightness_report
+    from ulvideo.eval.reports import tightness_report
+    from ulvideo.generate import load_pipeline
     from ulvideo.data.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption, measure_clip, paraphrase, score_attributes
 
     pipe = load_pipeline(export1, base / "exports" / "latest.safetensors", args.decoder_logsnr_end)
@@ -99,7 +100,7 @@ def main() -> None:
         specs.append(ShapeSpec(combo["shape"], combo["colour"], SIZES[rng.integers(2)], combo["direction"]))
     result = {"what": "prompt_adherence", "stage1_steps": export_step(s1), "base_steps": export_step(base),
               "heldout_combinations": held, "sampler": args.sampler, "decoder_sampler": args.decoder_sampler,
-              "steps": args.steps, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": pipe.stage1.sample_logsnr_end(),
+              "steps": args.steps, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": pipe.stage1.decoder_logsnr_end(pipe.decoder_logsnr_end),
               "guidance": args.guidance, "decode_from": "z0", "base_overrides": base_overrides,
               "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS)},
               "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7},
@@ -136,22 +137,24 @@ def main() -> None:
 
     # the stage-1 reference: the same specs rendered, encoded and decoded (same decoder sampler and
     # end). Stage 1 never saw these combinations either; generations rarely beat what it reconstructs
-    import torch
     from ulvideo.data.shapes import render_clip
     from ulvideo.videoio import to_float, to_uint8
 
     frames, size = pipe.base_cfg.data.num_frames, pipe.base_cfg.data.height
-    g = torch.Generator().manual_seed(0)
 
-    def reconstructed(part):
+    def reconstructed(part, seed):
         x = to_float(np.stack([render_clip(sp, frames, size) for sp in part]))
-        return part, to_uint8(pipe.stage1.reconstruct(x, args.decoder_steps, args.decoder_sampler, generator=g))
+        return part, to_uint8(pipe.stage1.reconstruct(x, args.decoder_steps, args.decoder_sampler, seed=seed,
+                                                      logsnr_end=pipe.decoder_logsnr_end))
 
-    result["stage1_reconstruction"] = rates(reconstructed(specs[i:i + 16]) for i in range(0, len(specs), 16))
+    result["stage1_reconstruction"] = rates(reconstructed(specs[i:i + 16], i) for i in range(0, len(specs), 16))
 
     # tightness: stage-1 prior bits vs base-model ELBO on the same held-out latents
     batch = next(iter(build_loader(pipe.base_cfg.data, micro_batch_size=32, seed=0, split="heldout")))
-    result["bits"] = tightness_report(pipe, batch["z_clean"], list(batch["caption"]))
+    z = batch["z_clean"]
+    cond, null = pipe.condition(list(batch["caption"]), None, None, tuple(z.shape))
+    result["bits"] = {k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in tightness_report(pipe.stage1, pipe.base, z, cond, null, num_logsnrs=32).items()}
     result["total_seconds"] = round(time.time() - t_start, 1)
     result["train_seconds"] = round(train_s, 1)
     # what training costs from scratch, whether or not this call trained

@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--sampler", default="ddpm")
     p.add_argument("--decoder-logsnr-end", type=float, default=None,
                    help="stop the decoder's sampling at this logSNR and score its clean prediction there "
-                        "(default: the export's decoder.sample_logsnr_end, else its logsnr_max)")
+                        "(default: the decoder's logsnr_max)")
     p.add_argument("--eval-clips", type=int, default=64)
     p.add_argument("--fresh-clips", type=int, default=0,
                    help="also score this many clips synthesized with --fresh-seed (never trained on)")
@@ -75,8 +75,8 @@ def main() -> None:
     from ulvideo.eval.reports import score_shapes_reconstructions
     from ulvideo.exports import load_stage1
 
-    model = load_stage1(run / "exports" / "latest.safetensors", args.decoder_logsnr_end)
-    scoring = dict(decoder_steps=args.decoder_steps, sampler=args.sampler)
+    model = load_stage1(run / "exports" / "latest.safetensors")
+    scoring = dict(decoder_steps=args.decoder_steps, sampler=args.sampler, logsnr_end=args.decoder_logsnr_end)
     held = score_shapes_reconstructions(model, model.cfg.data, data, limit=args.eval_clips, **scoring)
     t, h, w = model.cfg.data.num_frames, model.cfg.data.height, model.cfg.data.width
     u = model.cfg.ul
@@ -87,7 +87,7 @@ def main() -> None:
         "clip": [t, h, w], "latent_logsnr": u.latent_logsnr, "prior_logsnr_min": u.prior_logsnr_min,
         "loss_factor": u.loss_factor, "sigmoid_bias": u.sigmoid_bias, "rate_logsnr_samples": 32,
         "bits_per_clip": round(held["bits_per_clip"], 2), "bits_per_pixel": round(held["bits_per_pixel"], 5),
-        "decoder_sampler": args.sampler, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": model.sample_logsnr_end(),
+        "decoder_sampler": args.sampler, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": held["logsnr_end"],
         "latent_noise": "sample",
         **{k: held[k] for k in ("psnr_db", "colour_match", "shape_match", "direction_match", "centroid_within_2px")},
         "goal": {"colour_match": 0.95, "centroid_within_2px": 0.90},
@@ -99,7 +99,7 @@ def main() -> None:
         keys = ("colour_match", "shape_match", "centroid_within_2px", "psnr_db", "bits_per_clip")
         result["curve"] = []
         for export in sorted((run / "exports").glob("ul_step_*.safetensors")):
-            got = score_shapes_reconstructions(load_stage1(export, args.decoder_logsnr_end), model.cfg.data, data, limit=args.eval_clips, **scoring)
+            got = score_shapes_reconstructions(load_stage1(export), model.cfg.data, data, limit=args.eval_clips, **scoring)
             step = json.loads(export.with_suffix(".json").read_text())["meta"]["step"]
             result["curve"].append({"step": step, **{k: round(got[k], 4) for k in keys}})
     if args.fresh_clips > 0:

@@ -68,8 +68,7 @@ def measure(export: Path, clips: int, decoder_steps: tuple[int, ...] = (32,)) ->
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
         out["vae_kl_bits_per_pixel"] = kl.mean().item() / math.log(2) / pixels
     for steps in decoder_steps:
-        g = torch.Generator().manual_seed(0)
-        recon = m.decode(m.noisy_latent(z, g), t, steps, "ddpm", g)
+        recon = m.decode(m.noisy_latent(z, 0), steps, "ddpm", seed=0)
         out[f"psnr_{steps}"] = psnr(x, recon).mean().item()
     out["psnr"] = out[f"psnr_{decoder_steps[0]}"] if 32 not in decoder_steps else out["psnr_32"]
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in out.items()}
@@ -188,7 +187,8 @@ def main() -> None:
 def tightness(runs: Path, export: Path, data: str, steps: int, frames: int) -> dict:
     """Stage-1 prior bits vs an unconditional-evaluated base model's ELBO on the same held-out latents."""
     from ulvideo.data import build_loader
-    from ulvideo.generate import load_pipeline, tightness_report
+    from ulvideo.eval.reports import tightness_report
+    from ulvideo.generate import load_pipeline
 
     tag = export.parent.parent.name  # the stage-1 run: a new one gets its own latents and base model
     shards = runs / f"tight_latents_{tag}"
@@ -202,7 +202,9 @@ def tightness(runs: Path, export: Path, data: str, steps: int, frames: int) -> d
     # the held-out latents from the shards just written (the export's stored path may be stale)
     data_cfg = dataclasses.replace(pipe.base_cfg.data, path=str(shards))
     batch = next(iter(build_loader(data_cfg, micro_batch_size=32, seed=0, split="heldout")))
-    report = tightness_report(pipe, batch["z_clean"], list(batch["caption"]))
+    z = batch["z_clean"]
+    cond, null = pipe.condition(list(batch["caption"]), None, None, tuple(z.shape))
+    report = tightness_report(pipe.stage1, pipe.base, z, cond, null, num_logsnrs=32, seed=0)
     return {"base_steps": steps, **report, "relative_gap": round(report["null_over_prior"] - 1, 4)}
 
 

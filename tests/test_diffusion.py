@@ -195,3 +195,137 @@ def test_guidance():
     assert D.guided(cond, uncond, 1.0) is cond
     torch.testing.assert_close(D.guided(cond, uncond, 0.0)(z, l), uncond(z, l))
     torch.testing.assert_close(D.guided(cond, uncond, 3.0)(z, l), uncond(z, l) + 3.0 * (cond(z, l) - uncond(z, l)))
+
+
+# ---- sampler steps against the Gaussian closed forms ----------------------------------------------
+
+
+def gaussian_moments(logsnr_s, logsnr_t, s, mu, z_s):
+    """E[z_t | z_s] and Var(z_t | z_s) for x ~ N(mu, s^2) from the joint Gaussian of (z_s, z_t):
+    the forward process is Markov from high to low logSNR, z_s = (alpha_s / alpha_t) z_t + noise, so
+    Cov(z_s, z_t) = (alpha_s / alpha_t) Var(z_t); and Var(x | z_s) for the law of total variance."""
+    a_s, sg_s = (float(v) for v in D.alpha_sigma(torch.tensor(logsnr_s, dtype=torch.float64)))
+    a_t, sg_t = (float(v) for v in D.alpha_sigma(torch.tensor(logsnr_t, dtype=torch.float64)))
+    var_s, var_t = a_s**2 * s**2 + sg_s**2, a_t**2 * s**2 + sg_t**2
+    cov = a_s / a_t * var_t
+    mean = a_t * mu + cov / var_s * (z_s - a_s * mu)
+    return mean, var_t - cov**2 / var_s, s**2 * sg_s**2 / var_s
+
+
+@pytest.mark.parametrize("kind", ["x", "eps", "v"])
+@pytest.mark.parametrize("logsnr_s,logsnr_t", [(-8.0, -3.0), (-1.0, 1.5), (2.0, 9.0)])
+def test_ddpm_step_is_the_posterior_of_gaussian_data(kind, logsnr_s, logsnr_t):
+    # with the exact E[x | z_s] the DDPM mean is E[z_t | z_s]; its variance is Var(z_t | z_s) less the
+    # a_t^2 (1 - r)^2 Var(x | z_s) that plugging in x_hat drops (law of total variance)
+    mu, s = 0.3, 0.7
+    z_s = torch.linspace(-3, 3, 13, dtype=torch.float64).view(13, 1)
+    out = optimal(kind, s, mu)(z_s, torch.full((13,), logsnr_s, dtype=torch.float64))
+    zero = D.ddpm_step(z_s, out, logsnr_s, logsnr_t, kind, None, torch.zeros_like(z_s)).double()
+    one = D.ddpm_step(z_s, out, logsnr_s, logsnr_t, kind, None, torch.ones_like(z_s)).double()
+    mean, var, var_x = gaussian_moments(logsnr_s, logsnr_t, s, mu, z_s)
+    torch.testing.assert_close(zero, mean, rtol=1e-5, atol=1e-5)
+    a_t = float(D.alpha_sigma(torch.tensor(logsnr_t, dtype=torch.float64))[0])
+    dropped = (a_t * -math.expm1(logsnr_s - logsnr_t)) ** 2 * var_x
+    torch.testing.assert_close((one - zero) ** 2, torch.full_like(zero, var - dropped), rtol=1e-4, atol=1e-7)
+
+
+def test_clipping_clamps_the_clean_prediction():
+    # clip_x acts on x_hat whatever the parametrisation: a v-prediction clipped equals the x-prediction
+    # clamped by hand, for both steps
+    g = torch.Generator().manual_seed(0)
+    z, out, noise = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    lam = torch.full((4,), -0.5, dtype=torch.float64)
+    x_clamped = D.convert(out, z, lam, "v", "x").clamp(-0.4, 0.4)
+    torch.testing.assert_close(D.ddim_step(z, out, -0.5, 2.0, "v", 0.4),
+                               D.ddim_step(z, x_clamped, -0.5, 2.0, "x", None), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(D.ddpm_step(z, out, -0.5, 2.0, "v", 0.4, noise),
+                               D.ddpm_step(z, x_clamped, -0.5, 2.0, "x", None, noise), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(D.ddim_step(z, out, -0.5, 2.0, "v", None), D.ddim_step(z, out, -0.5, 2.0, "v", 0.4))
+
+
+@pytest.mark.parametrize("kind", ["x", "v"])
+def test_ddim_follows_the_probability_flow_of_gaussian_data(kind):
+    # the probability-flow ODE maps z_s to a_t mu + sqrt(V_t / V_s) (z_s - a_s mu), V = a^2 s^2 + sigma^2;
+    # DDIM is its first-order discretisation (error O(1/steps)), and exact for a point mass (s = 0)
+    mu, s, lo, hi = -0.2, 0.6, -6.0, 4.0
+    z_s = torch.linspace(-3, 3, 9, dtype=torch.float64).view(9, 1)
+
+    def ode_map(s):
+        (a_lo, sg_lo), (a_hi, sg_hi) = ((float(v) for v in D.alpha_sigma(torch.tensor(l, dtype=torch.float64))) for l in (lo, hi))
+        return a_hi * mu + math.sqrt((a_hi**2 * s**2 + sg_hi**2) / (a_lo**2 * s**2 + sg_lo**2)) * (z_s - a_lo * mu)
+
+    lams = D.sampling_logsnrs(D.CosineSchedule(hi, lo), 400).double()
+    many = D.sample(optimal(kind, s, mu), z_s, lams, kind, "ddim").z.double()
+    torch.testing.assert_close(many, ode_map(s), rtol=0, atol=5e-3)
+    one = D.ddim_step(z_s, optimal(kind, 0.0, mu)(z_s, torch.full((9,), lo, dtype=torch.float64)), lo, hi, kind, None)
+    torch.testing.assert_close(one.double(), ode_map(0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_noise_hook_supplies_the_ancestral_noise():
+    # a point mass at mu: x_hat = mu exactly, so with zero noise every DDPM step contracts z - alpha mu by
+    # r alpha_t / alpha_s, and the chain by exp(lambda_first - lambda_last) alpha_last / alpha_first
+    mu, calls = 0.25, []
+
+    def zeros(step, shape):
+        calls.append((step, shape))
+        return torch.zeros(shape)
+
+    lams = D.sampling_logsnrs(D.CosineSchedule(5.0, -10.0), 6)
+    z = torch.linspace(-2, 2, 5).view(5, 1)
+    res = D.sample(optimal("v", 0.0, mu), z, lams, "v", "ddpm", noise=zeros)
+    assert calls == [(i, (5, 1)) for i in range(6)]
+    a = [float(D.alpha_sigma(torch.tensor(float(l), dtype=torch.float64))[0]) for l in (lams[0], lams[-1])]
+    ref = a[1] * mu + math.exp(float(lams[0] - lams[-1])) * a[1] / a[0] * (z.double() - a[0] * mu)
+    torch.testing.assert_close(res.z.double(), ref, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    D.sample(optimal("v", 0.0, mu), z, lams, "v", "ddim", noise=zeros)
+    assert calls == []  # DDIM draws nothing
+
+
+# ---- the stratified ELBO estimator ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["eps", "v"])
+@pytest.mark.parametrize("s,logsnr_min", [(1.0, -10.0), (2.0, -2.0), (0.5, 0.0)])
+def test_stratified_elbo_bits_is_the_gaussian_rate(kind, s, logsnr_min):
+    # DESIGN.md §1 "Exact checks": the expectation is d/2 ln(1 + s^2 e^lambda_max) + d KL_terminal, in bits
+    d, n = 16, 2048
+    sched = D.CosineSchedule(5.0, logsnr_min)
+    x = s * torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bits = D.stratified_elbo_bits(optimal(kind, s), x, sched, kind, num_times=8, seed=3).double()
+    truth = analytic_nats(d, s, 5.0, logsnr_min) / math.log(2)
+    se = bits.std().item() / math.sqrt(n)
+    assert abs(bits.mean().item() - truth) < 4 * se + 1e-3 * truth, (bits.mean().item(), truth, se)
+
+
+def test_stratified_elbo_bits_is_the_plain_monte_carlo_average():
+    # per clip: the estimate for a fixed x equals E_{t ~ U, eps}[L(x)] / ln 2 estimated by many plain
+    # draws, for a denoiser that is not the optimal one; and stratifying lowers the variance of K times
+    d, k, reps, plain = 8, 8, 1024, 32768
+    sched = D.CosineSchedule(5.0, -10.0)
+    x = 1.5 * torch.randn(3, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    wrong = optimal("x", 0.8, 0.1)
+    strat = D.stratified_elbo_bits(wrong, x.repeat(reps, 1), sched, "x", k, seed=5).double().view(reps, 3)
+    g = torch.Generator().manual_seed(6)
+    x_mc = x.repeat(plain, 1)
+    mc = D.elbo(wrong, x_mc, sched, "x", t=torch.rand(x_mc.shape[0], generator=g, dtype=torch.float64),
+                generator=g).total.double().view(plain, 3) / math.log(2)
+    for i in range(3):
+        se = math.sqrt(strat[:, i].var().item() / reps + mc[:, i].var().item() / plain)
+        assert abs(strat[:, i].mean().item() - mc[:, i].mean().item()) < 4 * se
+        plain_k = mc[:, i].view(-1, k).mean(1)  # the average of K uniform times: same cost
+        assert strat[:, i].var() < 0.5 * plain_k.var()
+
+
+def test_stratified_elbo_bits_mask_and_seed():
+    d, n, s = 16, 2048, 1.3
+    sched = D.CosineSchedule(5.0, -2.0)
+    x = s * torch.randn(n, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mask = (torch.arange(d) < 6).double()  # 6 of 16 elements counted: the rate of 6 dimensions
+    bits = D.stratified_elbo_bits(optimal("v", s), x, sched, "v", 4, seed=1, mask=mask).double()
+    truth = analytic_nats(6, s, 5.0, -2.0) / math.log(2)
+    assert abs(bits.mean().item() - truth) < 4 * bits.std().item() / math.sqrt(n) + 1e-3 * truth
+    # the same draws for the same seed, so two models compare on the same times and noise
+    again = D.stratified_elbo_bits(optimal("v", s), x[:4], sched, "v", 4, seed=1)
+    assert torch.equal(again, D.stratified_elbo_bits(optimal("v", s), x[:4], sched, "v", 4, seed=1))
+    assert not torch.equal(again, D.stratified_elbo_bits(optimal("v", s), x[:4], sched, "v", 4, seed=2))

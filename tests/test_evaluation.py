@@ -25,10 +25,13 @@ class Relay:
     def rate_bits(self, z, k, seed=0):
         return torch.zeros(z.shape[0])
 
-    def noisy_latent(self, z, g):
+    def decoder_logsnr_end(self, end=None):
+        return 15.0 if end is None else end
+
+    def noisy_latent(self, z, seed):
         return z
 
-    def decode(self, z0, frames, steps, sampler, g):
+    def decode(self, z0, steps, sampler, seed, logsnr_end):
         return z0[:, self.order]
 
 
@@ -62,3 +65,44 @@ def test_red_blue_swap_is_scored_per_clip(folder):
     assert got["shape_match"] == got["centroid_within_2px"] == 1.0
     got = score_shapes_reconstructions(Relay((2, 1, 0)), data, out, micro_batch_size=5, limit=5)
     assert got["clips"] == 5  # stops after the batch that reaches the limit
+
+
+def test_tightness_report_compares_both_models_on_the_same_draws():
+    """A base model with the prior's own weights gets exactly the prior's bits (null_over_prior = 1:
+    the same times and noise for both), and those bits are the prior's ELBO by plain Monte Carlo."""
+    import math
+
+    from ulvideo import diffusion as D
+    from ulvideo.eval.reports import tightness_report
+    from ulvideo.ul import Condition, LatentDiffusion, UnifiedLatents
+
+    arch = ["--prior.widths=[64]", "--prior.depths=[2]", "--base.widths=[64]", "--base.depths=[2]"]
+    cfg = load_config(None, ["--encoder.latent_channels=4", "--base.text_encoder=none", "--base.prediction=x", *arch])
+    torch.manual_seed(0)
+    stage1 = UnifiedLatents(cfg).eval()
+    with torch.no_grad():
+        for p in stage1.prior.parameters():  # zero-initialised outputs would make the prior's prediction 0
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+    base = LatentDiffusion(cfg, cfg).eval()
+    base.net.load_state_dict(stage1.prior.state_dict())
+    z = torch.randn(3, 4, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    got = tightness_report(stage1, base, z, Condition(), Condition(), num_logsnrs=4, seed=1)
+    assert got["latents"] == 3 and got["logsnr_samples"] == 4
+    assert got["null_over_prior"] == pytest.approx(1.0, abs=1e-6)
+    assert got["base_elbo_cond_bits_per_clip"] == pytest.approx(got["stage1_prior_bits_per_clip"], rel=1e-6)
+    # the prior's bits (the mean over 3 clips of K = 4 strata) against 6000 plain uniform draws; the
+    # spread over 32 seeds gives the standard error of one estimate
+    reports = torch.tensor([stage1.rate_bits(z, 4, seed=s).mean().item() for s in range(32)], dtype=torch.float64)
+    assert reports[1].item() == pytest.approx(got["stage1_prior_bits_per_clip"], rel=1e-6)
+    g = torch.Generator().manual_seed(2)
+    zz = z.repeat(2000, 1, 1, 1, 1)
+    with torch.no_grad():
+        mc = D.elbo(stage1.prior_denoise, zz, stage1.prior_schedule, cfg.prior.prediction,
+                    t=torch.rand(zz.shape[0], generator=g), generator=g).total.double() / math.log(2)
+    se = math.sqrt(reports.var().item() / 32 + mc.var().item() / mc.numel())
+    assert abs(reports.mean().item() - mc.mean().item()) < 4 * se
+    with torch.no_grad():
+        for p in base.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert abs(tightness_report(stage1, base, z, Condition(), Condition(), 4, seed=1)["null_over_prior"] - 1) > 1e-3

@@ -81,20 +81,54 @@ def test_generate_shapes_and_determinism(pipe):
     assert nine.shape == (1, 9, 16, 16, 3)
 
 
-def test_decoder_sampler_is_chosen_apart_from_the_base_sampler(pipe):
-    """decoder_sampler = ddim after a ddpm base sampler: the same as running the two by hand."""
+def test_generation_defaults_are_the_documented_ones(pipe, monkeypatch):
+    """By default guidance 4, a DDPM base sampler and a DDIM decoder: the same as running the two by
+    hand; the CLI's defaults are the pipeline's."""
+    import inspect
+
+    from ulvideo.cli import build_parser
     from ulvideo.videoio import to_uint8
 
     prompts = ["a small red circle moving left"]
-    got = pipe(prompts, seed=4, num_frames=5, steps=3, decoder_steps=3, decoder_sampler="ddim")
     shape = (1, pipe.stage1.latent_channels, *pipe.stage1.encoder.latent_shape(5, 16, 16))
     cond, null = pipe.condition(prompts, None, None, shape)
-    g = torch.Generator().manual_seed(4)
-    z0 = pipe.base.sample(shape, cond, null, 1.0, 3, "ddpm", g).z
-    with torch.no_grad():
-        ref = to_uint8(pipe.stage1.decode(z0, 5, 3, "ddim", g))
+    z0 = pipe.base.sample(shape, cond, null, 4.0, 3, "ddpm", torch.Generator().manual_seed(4)).z
+    ref = to_uint8(pipe.stage1.decode(z0, 3, "ddim", seed=4))
+    calls = []
+    for model, name in ((pipe.base, "sample"), (pipe.stage1, "decode")):
+        def spy(*a, _f=getattr(model, name), _n=name, **k):
+            calls.append((_n, a[3:6] if _n == "sample" else a[1:]))
+            return _f(*a, **k)
+        monkeypatch.setattr(model, name, spy)
+    got = pipe(prompts, seed=4, num_frames=5, steps=3, decoder_steps=3)
+    assert calls == [("sample", (4.0, 3, "ddpm")), ("decode", (3, "ddim", 4, pipe.stage1.decoder_logsnr_end()))]
     assert np.array_equal(got, ref)
-    assert not np.array_equal(got, pipe(prompts, seed=4, num_frames=5, steps=3, decoder_steps=3))
+    assert not np.array_equal(got, pipe(prompts, seed=4, num_frames=5, steps=3, decoder_steps=3, decoder_sampler="ddpm"))
+    args = build_parser().parse_args(["generate", "--export", "a", "--base", "b", "--out", "o.mp4"])
+    sig = inspect.signature(type(pipe).__call__).parameters
+    for cli_name, name in (("guidance", "guidance"), ("sampler", "sampler"), ("decoder_sampler", "decoder_sampler"),
+                           ("steps", "steps"), ("decoder_steps", "decoder_steps"), ("decode_from", "decode_from"),
+                           ("decoder_logsnr_end", "decoder_logsnr_end")):
+        assert getattr(args, cli_name) == sig[name].default, name
+    assert (args.guidance, args.sampler, args.decoder_sampler) == (4.0, "ddpm", "ddim")
+
+
+def test_decoder_stop_is_an_argument(pair, pipe):
+    """The stop logSNR reaches the decoder from `__call__` or `load_pipeline`, never from the model."""
+    from ulvideo.videoio import to_uint8
+
+    kw = dict(seed=2, num_frames=5, steps=2, decoder_steps=2)
+    early = pipe(["a red circle"], decoder_logsnr_end=0.0, **kw)
+    assert not np.array_equal(early, pipe(["a red circle"], **kw))
+    assert np.array_equal(early, load_pipeline(pair[0], pair[2], decoder_logsnr_end=0.0)(["a red circle"], **kw))
+    shape = (1, pipe.stage1.latent_channels, *pipe.stage1.encoder.latent_shape(5, 16, 16))
+    cond, null = pipe.condition(["a red circle"], None, None, shape)
+    z0 = pipe.base.sample(shape, cond, null, 4.0, 2, "ddpm", torch.Generator().manual_seed(2)).z
+    assert np.array_equal(early, to_uint8(pipe.stage1.decode(z0, 2, "ddim", seed=2, logsnr_end=0.0)))
+    with pytest.raises(ValueError, match="logsnr_end"):
+        pipe(["a red circle"], decoder_logsnr_end=99.0, **kw)
+    with pytest.raises(ValueError, match="logsnr_end"):
+        load_pipeline(pair[0], pair[2], decoder_logsnr_end=-99.0)
 
 
 def test_guidance_one_is_the_conditional_prediction(pipe):
@@ -151,3 +185,6 @@ def test_errors_are_clear(pair, tmp_path):
     r = ulvideo("generate", "--export", export1, "--base", tmp_path / "nope.safetensors", "--prompt", "x",
                 "--out", tmp_path / "o.mp4", check=False)
     assert r.returncode == 2 and "not found" in r.stderr
+    r = ulvideo("generate", "--export", export1, "--base", base, "--prompt", "x", "--decoder-logsnr-end", 99,
+                "--out", tmp_path / "o.mp4", check=False)
+    assert r.returncode == 2 and "logsnr_end = 99" in r.stderr and not (tmp_path / "o.mp4").exists()

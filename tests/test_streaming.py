@@ -1,10 +1,11 @@
 """Streaming in time and tiling in space equal the one-pass result.
 
 References: the unchunked, untiled pass of the same network (`model.encode`, `model.decoder`,
-`streaming.decode_full`), `diffusion.sample` for the sampler equations, and for the tiles' halo a
-network whose receptive field is worked out by hand. Controls show that each ingredient of exact
+`model.decode`), `diffusion.sample` with the per-frame noise as its noise hook for the sampler, and
+for the tiles' halo a network whose receptive field is worked out by hand. Controls show that each ingredient of exact
 tiling (the halo, the whole-frame GroupNorm statistics) is needed.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,90 +284,124 @@ def test_windowed_decoder_state_stops_growing(attention, window):
 def test_tiled_windowed_decode_equals_one_pass(tmodel):
     m = tiling_model("--decoder.temporal_window=2")
     z0 = latents(3, 12, 10, seed=10)
-    full = S.decode_full(m, z0, steps=1, seed=4)
-    assert rel_err(S.decode_full(tmodel, z0, steps=1, seed=4), full) > 1e-3  # control: the window matters
+    full = m.decode(z0, 1, seed=4)
+    assert rel_err(tmodel.decode(z0, 1, seed=4), full) > 1e-3  # control: the window matters
     assert_equal_at_fp32(S.decode(m, z0, 4, steps=1, seed=4, tiling=S.Tiling(24)), full)
 
 
 # ---- decoding (sampler) ---------------------------------------------------------------------------
 
 
-def test_sampler_step_is_diffusion_sample(model):
-    z, x = latents(2), torch.rand(1, 4, 2, 2, 2) * 2 - 1
-
-    def denoise(z, lam):  # any deterministic function of (z, logsnr) will do
-        return torch.tanh(z * 0.7 + x) * (1 + 0.1 * lam.view(-1, 1, 1, 1, 1))
-
-    logsnrs = D.sampling_logsnrs(model.decoder_schedule, 4)
-    ls, lt = float(logsnrs[1]), float(logsnrs[2])
-    g = torch.Generator().manual_seed(9)
-    one = D.sample(denoise, z, torch.tensor([ls, lt]), "v", "ddpm", generator=g, clip_x=1.0)
-    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(9))
-    mine = S.sampler_step(z, denoise(z, torch.full((1,), ls)), ls, lt, "v", "ddpm", noise)
-    torch.testing.assert_close(mine, one.z, atol=1e-6, rtol=1e-6)
-    ddim = D.sample(denoise, z, logsnrs, "v", "ddim", clip_x=1.0).z
-    zz = z
-    for i in range(4):
-        zz = S.sampler_step(zz, denoise(zz, torch.full((1,), float(logsnrs[i]))), float(logsnrs[i]),
-                            float(logsnrs[i + 1]), "v", "ddim")
-    torch.testing.assert_close(zz, ddim, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("end", [None, 0.0])
-def test_decode_full_is_the_model_sampler(model, end, monkeypatch):
-    # DDIM from the same initial noise through diffusion.sample and the model's own denoiser, up to
-    # lambda_max or to decoder.sample_logsnr_end, then the clean prediction there
-    monkeypatch.setattr(model.cfg.decoder, "sample_logsnr_end", end)
-    z0, steps = latents(2, seed=4), 3
-    ours = S.decode_full(model, z0, steps, "ddim", seed=2)
-    x_init = S.clip_noise(2, S.NOISE_INIT, 0, 0, (1, 3, 5, 16, 16))
+def reference_decode(model, z0, steps, sampler, seed, end=None):
+    """`diffusion.sample` with the model's one-pass denoiser and the per-frame noise as its noise hook,
+    from the per-frame initial noise up to the stop logSNR, then the clean prediction there."""
+    shape = (z0.shape[0], 3, 1 + 4 * (z0.shape[2] - 1), 8 * z0.shape[3], 8 * z0.shape[4])
+    x_init = S.clip_noise(seed, S.NOISE_INIT, 0, 0, shape)
     stop = model.decoder_schedule.logsnr_max if end is None else end
     res = D.sample(model.decoder_denoise(z0), x_init, D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=stop),
-                   model.cfg.decoder.prediction, "ddim", clip_x=1.0)
-    last = torch.full((1,), stop)
-    ref = D.predict_x_eps(model.decoder(res.z, z0, last), res.z, last, model.cfg.decoder.prediction)[0].clamp(-1, 1)
-    torch.testing.assert_close(ours, ref, **TOL)
-    assert ours.std() > 0.05
-    # the one-pass model decoder stops at the same place
-    g = torch.Generator().manual_seed(3)
-    x_g = torch.randn((1, 3, 5, 16, 16), generator=torch.Generator().manual_seed(3))
-    res = D.sample(model.decoder_denoise(z0), x_g, D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=stop),
-                   model.cfg.decoder.prediction, "ddim", clip_x=1.0)
-    ref = D.predict_x_eps(model.decoder(res.z, z0, last), res.z, last, model.cfg.decoder.prediction)[0].clamp(-1, 1)
-    torch.testing.assert_close(model.decode(z0, steps=steps, sampler="ddim", generator=g), ref, **TOL)
+                   model.cfg.decoder.prediction, sampler, clip_x=1.0,
+                   noise=lambda step, shape: S.clip_noise(seed, S.NOISE_STEP, step, 0, shape))
+    last = torch.full((z0.shape[0],), stop)
+    return D.predict_x_eps(model.decoder(res.z, z0, last), res.z, last, model.cfg.decoder.prediction)[0].clamp(-1, 1)
 
 
-def test_decode_stopping_early_streams_like_one_pass(model, monkeypatch):
-    monkeypatch.setattr(model.cfg.decoder, "sample_logsnr_end", -2.0)
+@pytest.mark.parametrize("sampler,end", [("ddpm", None), ("ddim", None), ("ddpm", 0.0)])
+def test_decode_is_diffusion_sample_with_per_frame_noise(model, sampler, end):
+    z0, steps = latents(2, seed=4), 3
+    ref = reference_decode(model, z0, steps, sampler, 2, end)
+    torch.testing.assert_close(model.decode(z0, steps, sampler, seed=2, logsnr_end=end), ref, **TOL)
+    torch.testing.assert_close(S.decode(model, z0, 4, first=1, steps=steps, sampler=sampler, seed=2, logsnr_end=end),
+                               ref, **TOL)
+    assert ref.std() > 0.05
+
+
+def test_decode_stopping_early_streams_like_one_pass(model):
     z0 = latents(4, seed=5)
-    full = S.decode_full(model, z0, steps=2, sampler="ddpm", seed=1)
-    torch.testing.assert_close(S.decode(model, z0, 4, first=1, steps=2, sampler="ddpm", seed=1), full, **TOL)
-    monkeypatch.setattr(model.cfg.decoder, "sample_logsnr_end", None)
-    assert (S.decode_full(model, z0, steps=2, sampler="ddpm", seed=1) - full).abs().max() > 1e-3
+    full = model.decode(z0, 2, "ddpm", seed=1, logsnr_end=-2.0)
+    torch.testing.assert_close(S.decode(model, z0, 4, first=1, steps=2, sampler="ddpm", seed=1, logsnr_end=-2.0),
+                               full, **TOL)
+    assert (model.decode(z0, 2, "ddpm", seed=1) - full).abs().max() > 1e-3  # control: the end matters
+    for bad in (model.cfg.decoder.logsnr_min, model.cfg.decoder.logsnr_max + 1):
+        with pytest.raises(ValueError, match="logsnr_end"):
+            model.decode(z0, 2, seed=1, logsnr_end=bad)
 
 
 @pytest.mark.parametrize("sampler,order", [("ddpm", "chunk"), ("ddpm", "step"), ("ddim", "chunk")])
 def test_streamed_decode_equals_one_pass(model, sampler, order):
     z0 = latents(4, seed=5)
-    full = S.decode_full(model, z0, steps=2, sampler=sampler, seed=1)
+    full = model.decode(z0, 2, sampler, seed=1)
     for chunk, first in [(4, 1), (8, 5)]:
         out = S.decode(model, z0, chunk, first=first, steps=2, sampler=sampler, seed=1, order=order)
         torch.testing.assert_close(out, full, **TOL)
     # control: the ancestral noise matters, so equal noise per frame is what makes them agree
     if sampler == "ddpm":
-        assert (S.decode_full(model, z0, steps=2, sampler=sampler, seed=2) - full).abs().max() > 1e-3
+        assert (model.decode(z0, 2, sampler, seed=2) - full).abs().max() > 1e-3
 
 
 def test_stream_reconstruct_equals_one_pass(model):
     x = video(13, seed=6)
-    z0 = S.noisy_latent(model, model.encode(x), seed=3)
-    ref = S.decode_full(model, z0, steps=2, seed=3)
+    ref = model.reconstruct(x, 2, seed=3)
     parts = list(S.stream_reconstruct(model, S.split_time(x, [5, 4, 4]), steps=2, seed=3))
     assert [p.shape[2] for p in parts] == [5, 4, 4]
     torch.testing.assert_close(torch.cat(parts, dim=2), ref, **TOL)
     mean = list(S.stream_reconstruct(model, S.split_time(x, [5, 8]), steps=2, seed=3, latent_noise="mean"))
-    ref_mean = S.decode_full(model, model.alpha0 * model.encode(x), 2, seed=3)
-    torch.testing.assert_close(torch.cat(mean, dim=2), ref_mean, **TOL)
+    torch.testing.assert_close(torch.cat(mean, dim=2), model.reconstruct(x, 2, latent_noise="mean", seed=3), **TOL)
+    assert (model.reconstruct(x, 2, seed=4) - ref).abs().max() > 1e-3
+
+
+def test_latent_noise_is_per_frame():
+    # a seed draws eps_z per latent frame: the frames of a chunk starting at latent frame j are the
+    # frames j.. of the whole clip's z0, and eps_z is N(0, I)
+    m = make_model()
+    z = torch.randn(2, 4, 6, 3, 3, generator=torch.Generator().manual_seed(0))
+    z0 = m.noisy_latent(z, 7)
+    torch.testing.assert_close(m.noisy_latent(z[:, :, 2:], 7, start=2), z0[:, :, 2:])
+    eps = (m.noisy_latent(torch.zeros(64, 4, 6, 8, 8), 7) / m.sigma0).flatten()
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 1) < 0.02
+    assert not torch.equal(m.noisy_latent(z, 8), z0)
+
+
+def test_mse_decoder_streams_like_its_one_prediction():
+    # the MSE baseline decodes with one network evaluation from zeros at logsnr_min: chunked and tiled
+    # it equals the loss's deterministic decode, whatever the steps and seed
+    m = make_model("--decoder.loss=mse")
+    z0 = latents(3, seed=8)
+    ref = m._mse_decode(z0).clamp(-1, 1)
+    assert_equal_at_fp32(m.decode(z0, 7, seed=3), ref)
+    assert_equal_at_fp32(S.decode(m, z0, 4, steps=2, seed=1), ref)
+    assert_equal_at_fp32(S.decode(m, z0, 4, steps=2, seed=1, tiling=S.Tiling(8)), ref)
+
+
+def test_cli_decode_is_one_clip_chunked_tiled_or_not(model, tmp_path, capsys):
+    """`ulvideo decode` with and without --chunk, and tiled, writes the library's clip for the seed."""
+    from safetensors.torch import save_file
+
+    from ulvideo.cli import main as cli_main
+    from ulvideo.exports import save_export
+    from ulvideo.videoio import read_image, to_uint8
+
+    export = save_export(tmp_path / "e", model.state_dict(), model.cfg, {"stage": "ul"})
+    z = latents(3, seed=11)[0]
+    save_file({"z_clean": z.contiguous()}, str(tmp_path / "z.safetensors"))
+
+    def cli(*extra, seed=5):
+        out = tmp_path / f"clip{len(list(tmp_path.iterdir()))}.png"
+        assert cli_main(["decode", "--export", str(export), "--input", str(tmp_path / "z.safetensors"), "--out", str(out),
+                         "--steps", "2", "--seed", str(seed), *map(str, extra)]) == 0
+        return torch.from_numpy(read_image(str(out))[0]).int()
+
+    lib = to_uint8(model.decode(model.noisy_latent(z[None], 5), 2, "ddpm", seed=5))[0]
+    lib = torch.from_numpy(np.concatenate(list(lib), axis=1)).int()  # frames side by side, as the .png
+    for extra in ((), ("--chunk", 4), ("--chunk", 4, "--tile", 8), ("--tile", 8)):
+        got = cli(*extra)
+        assert got.shape == lib.shape and (got - lib).abs().max() <= 1 and (got != lib).float().mean() < 1e-3
+    assert (cli(seed=6) - lib).abs().max() > 10  # control: another seed, another clip
+    assert cli_main(["decode", "--export", str(export), "--input", str(tmp_path / "z.safetensors"),
+                     "--out", str(tmp_path / "bad.png"), "--logsnr-end", "99"]) == 2
+    assert "logsnr_end = 99" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+    assert cli_main(["decode", "--export", str(export), "--input", str(tmp_path / "z.safetensors"),
+                     "--out", str(tmp_path / "bad.png"), "--chunk", "3"]) == 2
+    assert "chunks of" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
 
 
 # ---- tiling ---------------------------------------------------------------------------------------
@@ -517,7 +552,7 @@ def test_tiled_streaming_equals_one_pass(tmodel):
     x = video(9, 48, 40, seed=9)
     assert_equal_at_fp32(S.encode(tmodel, x, 4, tiling=S.Tiling(24)), tmodel.encode(x))
     z0 = latents(3, 12, 10, seed=10)
-    full = S.decode_full(tmodel, z0, steps=1, seed=4)
+    full = tmodel.decode(z0, 1, seed=4)
     assert_equal_at_fp32(S.decode(tmodel, z0, 4, steps=1, seed=4, tiling=S.Tiling(24)), full)
     assert_equal_at_fp32(S.decode(tmodel, z0, 4, steps=1, seed=4, tiling=S.Tiling(16), order="step"), full)
 
@@ -527,7 +562,7 @@ def test_tiling_the_real_networks_is_exact(model):
     approximation here (relative L2 error 0.21 encoder, 0.15 decoder at 48 px tiles)."""
     x = video(5, 64, 64, seed=11)
     z = model.encode(x)
-    z0, lam = S.noisy_latent(model, z, seed=1), torch.tensor([0.0])
+    z0, lam = model.noisy_latent(z, 1), torch.tensor([0.0])
     x_t = torch.randn(1, 3, 5, 64, 64, generator=torch.Generator().manual_seed(12))
     full = model.decoder(x_t, z0, lam)
     for tile in (32, 48):

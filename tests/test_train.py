@@ -62,8 +62,8 @@ def test_export_reloads_to_identical_outputs(run):
     with torch.no_grad():
         z = reloaded.encode(x)
         assert torch.equal(z, reference.encode(x))
-        a = reloaded.decode(z, steps=2, generator=torch.Generator().manual_seed(0))
-        b = reference.decode(z, steps=2, generator=torch.Generator().manual_seed(0))
+        a = reloaded.decode(z, steps=2, seed=0)
+        b = reference.decode(z, steps=2, seed=0)
     assert torch.equal(a, b)
 
 
@@ -102,7 +102,8 @@ def test_encode_and_decode_commands(run, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["logsnr_end"] == 0.0
     r = ulvideo("decode", "--export", export, "--input", z_path, "--out", tmp_path / "bad.mp4", "--logsnr-end", 99,
                 check=False)
-    assert r.returncode == 2 and "sample_logsnr_end = 99" in r.stderr and not (tmp_path / "bad.mp4").exists()
+    assert r.returncode == 2 and "logsnr_end = 99" in r.stderr and not (tmp_path / "bad.mp4").exists()
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_bad_config_fails_before_any_process_group(tmp_path):
@@ -131,3 +132,26 @@ def test_exports_from_before_head_norm_groups_keep_their_head(tmp_path):
     old = load_stage1(path)
     c = old.encoder.norm_out.weight.numel()
     assert old.cfg.encoder.head_norm_groups == 0 and old.encoder.norm_out.groups == norm_groups(c) > 1
+
+
+def test_exports_with_a_stop_logsnr_in_their_config_still_load(tmp_path):
+    """Exports written while `decoder.sample_logsnr_end` was a config field load; a set value is no
+    longer applied (the stop logSNR is a decode argument), and the warning says so."""
+    from ulvideo.exports import save_export
+    from ulvideo.config import Config
+
+    torch.manual_seed(0)
+    path = save_export(tmp_path / "e.safetensors", UnifiedLatents(Config()).state_dict(), Config(), {"stage": "ul"})
+    side = path.with_suffix(".json")
+    info = json.loads(side.read_text())
+    info["config"]["decoder"]["sample_logsnr_end"] = None
+    side.write_text(json.dumps(info))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_stage1(path).decoder_logsnr_end() == 15.0
+    info["config"]["decoder"]["sample_logsnr_end"] = 0.0
+    side.write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="logsnr_end=0.0"):
+        assert load_stage1(path).decoder_logsnr_end() == 15.0

@@ -36,23 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True, help="run directory: config, metrics, checkpoints, exports")
     t.set_defaults(run=cmd_train)
 
-    g = sub.add_parser("generate", help="generate clips from prompts, class labels or context frames")
+    g = sub.add_parser("generate", help="generate clips from prompts, class labels or context frames",
+                       description="Generate clips with a stage-1 and a stage-2 export. Defaults: guidance 4, "
+                       "base model DDPM with 64 steps, decoder DDIM with 32 steps up to the decoder's logsnr_max.")
     g.add_argument("--export", required=True, help="stage-1 export (.safetensors)")
     g.add_argument("--base", required=True, help="stage-2 base-model export (.safetensors)")
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     g.add_argument("--prompts", help="a file with one prompt per line")
     g.add_argument("--label", type=int, action="append", default=[], help="a class label (repeatable)")
     g.add_argument("--num-frames", type=int, default=None, help="pixel frames (1 + 4k); default: the training clip length")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=64, help="base-model sampler steps")
-    g.add_argument("--decoder-steps", type=int, default=32)
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base-model sampler")
-    g.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default=None,
-                   help="decoder sampler (default: --sampler)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the base model's generator and the decoder's per-frame noise (a batch: seed + the index of its first clip)")
+    g.add_argument("--steps", type=int, default=64, help="base-model sampler steps (default: 64)")
+    g.add_argument("--decoder-steps", type=int, default=32, help="decoder sampler steps (default: 32)")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base-model sampler (default: ddpm)")
+    g.add_argument("--decoder-sampler", choices=["ddpm", "ddim"], default="ddim",
+                   help="decoder sampler (default: ddim; on the shapes data it keeps the corners that tell "
+                        "the shapes apart)")
     g.add_argument("--decoder-logsnr-end", type=float, default=None,
-                   help="the decoder's sampling stops at this logSNR and keeps its clean prediction there "
-                        "(default: the stage-1 export's decoder.sample_logsnr_end, else its logsnr_max)")
-    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+                   help="the decoder's sampling stops at this logSNR and keeps its clean prediction there; "
+                        "must lie in (decoder.logsnr_min, decoder.logsnr_max] (default: logsnr_max)")
+    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4; 1 = none)")
     g.add_argument("--context", help="a video whose first frames are given (frame prediction)")
     g.add_argument("--decode-from", choices=["z0", "clean"], default="z0",
                    help="decode the sampled z0, or alpha0 times the final clean prediction")
@@ -84,15 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=32, help="decoder sampler steps")
     d.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     d.add_argument("--logsnr-end", type=float, default=None,
-                   help="stop sampling at this logSNR and keep the clean prediction there (default: the export's)")
-    d.add_argument("--seed", type=int, default=0)
+                   help="stop sampling at this logSNR and keep the clean prediction there; must lie in "
+                        "(decoder.logsnr_min, decoder.logsnr_max] (default: logsnr_max)")
+    d.add_argument("--seed", type=int, default=0, help="all noise (z0's and the sampler's) is drawn per frame from it")
     d.add_argument("--latent-noise", choices=["sample", "mean"], default="sample",
                    help="z0 = alpha0 z_clean + sigma0 eps (sample, as in training) or alpha0 z_clean (mean)")
     d.add_argument("--chunk", type=int, default=None,
-                   help="stream in time: pixel frames per chunk after the first (a multiple of 4); equal to one pass, "
-                        "memory flat in clip length")
+                   help="stream in time: pixel frames per chunk after the first (a multiple of 4); the same clip "
+                        "as one pass (the noise is drawn per frame from --seed), memory flat in clip length")
     d.add_argument("--tile", type=int, default=None,
-                   help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
+                   help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm "
+                        "statistics); the same clip as one pass")
     d.set_defaults(run=cmd_decode)
 
     f = sub.add_parser("fvd", help="Frechet video distance: reference statistics and scores")
@@ -185,15 +191,18 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
+    """`ulvideo decode`: one decoder path (`streaming.decode`); with or without --chunk / --tile the
+    same clip for the same --seed."""
     import torch
     from safetensors.torch import load_file
 
+    from ulvideo import streaming
     from ulvideo.exports import ExportError, load_stage1
-
     from ulvideo.videoio import to_uint8, write_png_grid, write_video
 
     try:
-        model = load_stage1(args.export, args.logsnr_end)
+        model = load_stage1(args.export)
+        end = model.decoder_logsnr_end(args.logsnr_end)
     except (ExportError, ValueError) as e:
         print(f"ulvideo decode: {e}", file=sys.stderr)
         return 2
@@ -203,24 +212,21 @@ def cmd_decode(args) -> int:
     if z.shape[1] != model.latent_channels:
         print(f"ulvideo decode: {args.input} has {z.shape[1]} latent channels, the export expects {model.latent_channels}", file=sys.stderr)
         return 2
-    if args.chunk or args.tile:
-        # per-frame noise streams: chunked, tiled and one-pass decoding draw the same sample
-        from ulvideo import streaming
-
+    try:
         with torch.no_grad():
-            z0 = streaming.noisy_latent(model, z, seed=args.seed, mode=args.latent_noise)
+            z0 = model.noisy_latent(z, args.seed, args.latent_noise)
             clip = streaming.decode(model, z0, args.chunk, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                    tiling=_tiling(args))
-    else:
-        g = torch.Generator().manual_seed(args.seed)
-        z0 = model.noisy_latent(z, g, args.latent_noise)
-        clip = model.decode(z0, steps=args.steps, sampler=args.sampler, generator=g)
+                                    tiling=_tiling(args), logsnr_end=end)
+    except ValueError as e:  # a chunk or tile size the clip cannot take: raised before any network runs
+        print(f"ulvideo decode: {e}", file=sys.stderr)
+        return 2
     video = to_uint8(clip)[0]
     write_video(args.out, video)
     if not args.out.endswith(".png"):
         write_png_grid(Path(args.out).with_suffix(".png"), [video])
     print(json.dumps({"out": args.out, "frames": video.shape[0], "steps": args.steps, "sampler": args.sampler,
-                      "logsnr_end": model.sample_logsnr_end(), "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk, "tile": args.tile}))
+                      "logsnr_end": end, "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk,
+                      "tile": args.tile}))
     return 0
 
 
@@ -236,7 +242,7 @@ def cmd_generate(args) -> int:
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     try:
         pipe = load_pipeline(args.export, args.base, args.decoder_logsnr_end)
-    except Exception as e:  # missing text encoder, mismatched exports: one clear line
+    except Exception as e:  # missing text encoder, mismatched exports, a bad stop logSNR: one clear line
         print(f"ulvideo generate: {e}", file=sys.stderr)
         return 2
     labels = list(args.label)

@@ -65,10 +65,6 @@ class DecoderConfig:
     shift: float = 0.0  # simple diffusion's resolution shift, 2*log(base/resolution)
     loss: Literal["diffusion", "mse"] = "diffusion"  # "mse": the paper's Table-5 ablation
     mse_sigma: float = 0.1  # loss = c_lf * ||x - x_hat||^2 / (2 mse_sigma^2) nats, for loss = mse
-    # sampling stops at this logSNR and returns the network's clean prediction there (None = at
-    # logsnr_max). Lower ends keep more of the posterior mean and less sampled detail: the
-    # prediction at logSNR 0 averages over what the decoder would still invent above it
-    sample_logsnr_end: float | None = None
     attention: Literal["full", "factorized"] = "full"  # middle transformer; always causal in time
     # middle transformer: frame f attends (pixel) frames f - W + 1 .. f only; None = every earlier
     # frame. Bounds streamed decoding's key/value cache to W - 1 frames (memory flat in clip length)
@@ -378,13 +374,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
-def check_sample_logsnr_end(decoder: DecoderConfig, end: float | None) -> None:
-    """`decoder.sample_logsnr_end` must lie in (logsnr_min, logsnr_max] (None: logsnr_max)."""
-    if end is not None and not decoder.logsnr_min < end <= decoder.logsnr_max:
-        raise ConfigError(f"decoder.sample_logsnr_end = {end} must lie in (decoder.logsnr_min, decoder.logsnr_max] "
-                          f"= ({decoder.logsnr_min}, {decoder.logsnr_max}]")
-
-
 def validate(cfg: Config) -> None:
     """Checks across keys that the types alone cannot express, before any compute starts."""
     d = cfg.data
@@ -411,7 +400,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ul.prior_logsnr_min must be below ul.latent_logsnr")
     if not cfg.decoder.logsnr_min < cfg.decoder.logsnr_max:
         raise ConfigError("decoder.logsnr_min must be below decoder.logsnr_max")
-    check_sample_logsnr_end(cfg.decoder, cfg.decoder.sample_logsnr_end)
     w = cfg.decoder.temporal_window
     if w is not None and (isinstance(w, bool) or w < 1):
         raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")

@@ -6,7 +6,10 @@ Conventions (DESIGN.md §1):
   * a denoiser is a callable `denoise(z_t, logsnr) -> output`, where `logsnr` has shape (B,)
     and the output is an x-, eps- or v-prediction (`v = alpha * eps - sigma * x`);
   * time t in [0, 1] maps to a strictly decreasing logSNR, lambda(0) = logsnr_max, lambda(1) = logsnr_min;
-  * squared errors are SUMS over all elements of one sample; losses come back per sample in nats.
+  * squared errors are SUMS over all elements of one sample; losses come back per sample in nats
+    (in bits only where the name says so: `stratified_elbo_bits`);
+  * samplers are the pure steps `ddpm_step` / `ddim_step`, and `sample` takes its ancestral noise
+    from a hook `noise(step, shape)` (k-diffusion's noise sampler), by default a torch generator.
 Schedule, weighting and loss math runs in float32 even when the network runs in bf16.
 """
 from __future__ import annotations
@@ -21,6 +24,10 @@ Prediction = Literal["x", "eps", "v"]
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 LN2 = math.log(2.0)
+
+
+def nats_to_bits(nats: torch.Tensor | float) -> torch.Tensor | float:
+    return nats / LN2
 
 
 def _out(value: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -281,6 +288,30 @@ def elbo(
     return ELBOTerms(diffusion, terminal_kl(x, schedule.logsnr_min, mask), logsnr)
 
 
+def stratified_elbo_bits(
+    denoise: Denoise,
+    x: torch.Tensor,
+    schedule: Schedule,
+    kind: Prediction,
+    num_times: int,
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Held-out ELBO per sample in BITS (B,): the mean of `elbo` over K = `num_times` times per
+    sample, one in each stratum, t_i = (i + u_i) / K (u_i ~ U[0, 1) per sample), each with fresh eps,
+    all drawn from one generator seeded `seed` (the same draws on every call, so two models compare
+    on the same times and noise). Unbiased for E[L] like one uniform time, with a lower variance.
+    """
+    if num_times < 1:
+        raise ValueError(f"num_times = {num_times} must be >= 1")
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
+    for i in range(num_times):
+        t = (i + torch.rand(x.shape[0], generator=g, device=x.device)) / num_times
+        total += elbo(denoise, x, schedule, kind, t=t, generator=g, mask=mask).total.double()
+    return nats_to_bits(total / num_times).float()
+
+
 def sigmoid_weight(logsnr: torch.Tensor, bias: float) -> torch.Tensor:
     """w(lambda) = sigmoid(b - lambda): 1/2 at lambda = b, -> 0 at low noise (large lambda)."""
     return torch.sigmoid(bias - logsnr.float())
@@ -331,6 +362,59 @@ def sampling_logsnrs(schedule: Schedule, steps: int, logsnr_start: float | None 
     return out.float()
 
 
+Noise = Callable[[int, tuple[int, ...]], torch.Tensor]
+"""`noise(step, shape) -> tensor`: the N(0, I) ancestral noise of sampler step `step` (0-based)."""
+
+
+def generator_noise(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Noise:
+    """The default noise: fresh draws from `generator` in call order (the global RNG for None)."""
+    return lambda step, shape: torch.randn(shape, generator=generator, device=device)
+
+
+def _scalar_alpha_sigma(logsnr: float) -> tuple[float, float]:
+    a, s = alpha_sigma(torch.tensor(float(logsnr), dtype=torch.float64))
+    return float(a), float(s)
+
+
+def clipped_prediction(
+    output: torch.Tensor, z: torch.Tensor, logsnr: float, kind: Prediction, clip_x: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat, eps_hat) at one logSNR shared by the batch; with `clip_x`, x_hat is clamped to
+    [-clip_x, clip_x] and eps_hat recomputed from it so that z = alpha x_hat + sigma eps_hat still holds."""
+    lam = torch.full((z.shape[0],), float(logsnr), device=z.device)
+    x_hat, eps_hat = predict_x_eps(output, z, lam, kind)
+    if clip_x is not None:
+        x_hat = x_hat.clamp(-clip_x, clip_x)
+        eps_hat = predict_x_eps(x_hat, z, lam, "x")[1]
+    return x_hat, eps_hat
+
+
+def ddpm_step(
+    z_s: torch.Tensor, output: torch.Tensor, logsnr_s: float, logsnr_t: float, kind: Prediction,
+    clip_x: float | None, noise: torch.Tensor,
+) -> torch.Tensor:
+    """Ancestral step s -> t (lambda_s < lambda_t): a draw from q(z_t | z_s, x = x_hat), r = exp(lambda_s - lambda_t),
+
+        z_t = r (alpha_t / alpha_s) z_s + alpha_t (1 - r) x_hat + sigma_t sqrt(1 - r) noise.
+    """
+    x_hat, _ = clipped_prediction(output, z_s, logsnr_s, kind, clip_x)
+    a_s, _ = _scalar_alpha_sigma(logsnr_s)
+    a_t, s_t = _scalar_alpha_sigma(logsnr_t)
+    one_minus_r = -math.expm1(float(logsnr_s) - float(logsnr_t))
+    return ((1.0 - one_minus_r) * (a_t / a_s) * z_s.float() + a_t * one_minus_r * x_hat
+            + s_t * math.sqrt(one_minus_r) * noise.float())
+
+
+def ddim_step(
+    z_s: torch.Tensor, output: torch.Tensor, logsnr_s: float, logsnr_t: float, kind: Prediction,
+    clip_x: float | None,
+) -> torch.Tensor:
+    """Deterministic step s -> t: z_t = alpha_t x_hat + sigma_t eps_hat (DDIM with eta = 0)."""
+    x_hat, eps_hat = clipped_prediction(output, z_s, logsnr_s, kind, clip_x)
+    a_t, s_t = _scalar_alpha_sigma(logsnr_t)
+    return a_t * x_hat + s_t * eps_hat
+
+
 @dataclass
 class SampleResult:
     z: torch.Tensor  # the sample at the last logSNR of the grid
@@ -346,50 +430,40 @@ def sample(
     generator: torch.Generator | None = None,
     clip_x: float | None = None,
     progress: Callable[[int], None] | None = None,
-    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    noise: Noise | None = None,
 ) -> SampleResult:
-    """Integrate from z at logsnrs[0] to logsnrs[-1] (increasing), with DDPM (ancestral) or DDIM steps.
+    """Integrate from z at logsnrs[0] to logsnrs[-1] (increasing) with `ddpm_step` or `ddim_step`.
 
-    DDPM step s -> t (lambda_s < lambda_t), r = exp(lambda_s - lambda_t):
-        z_t = r (alpha_t / alpha_s) z_s + alpha_t (1 - r) x_hat + sigma_t sqrt(1 - r) eps
-    (the Gaussian posterior q(z_t | z_s, x = x_hat)); DDIM: z_t = alpha_t x_hat + sigma_t eps_hat.
-    The last step lands exactly on logsnrs[-1] (e.g. lambda_0 = 5 for the base model).
-    `known = (x_known, mask)` keeps the masked elements (mask = 1) on their forward-noised values
-    alpha_t x_known + sigma_t eps_known (one fixed eps_known) at every logSNR: context frames.
+    The last step lands exactly on logsnrs[-1] (e.g. lambda_0 = 5 for the base model). DDPM's
+    ancestral noise of step i is `noise(i, z.shape)`; the default draws it from `generator`.
+    `known = (x_known, mask, eps_known)` keeps the masked elements (mask = 1) on their
+    forward-noised values alpha_t x_known + sigma_t eps_known at every logSNR: context frames.
     """
-    b = z.shape[0]
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler '{method}' (ddpm, ddim)")
+    noise = generator_noise(generator, z.device) if noise is None else noise
     z = z.float()
     x_hat = z
-    if known is not None:
-        x_known, keep = known[0].float(), known[1].float()
-        eps_known = torch.randn(x_known.shape, generator=generator, device=z.device)
 
-        def impose(z: torch.Tensor, logsnr: float) -> torch.Tensor:
-            a, s = (float(v) for v in alpha_sigma(torch.tensor(logsnr)))
-            return z * (1 - keep) + keep * (a * x_known + s * eps_known)
+    def impose(z: torch.Tensor, logsnr: float) -> torch.Tensor:
+        if known is None:
+            return z
+        x_known, keep, eps_known = (v.float() for v in known)
+        a, s = _scalar_alpha_sigma(logsnr)
+        return z * (1 - keep) + keep * (a * x_known + s * eps_known)
 
-        z = impose(z, float(logsnrs[0]))
+    z = impose(z, float(logsnrs[0]))
     for i in range(len(logsnrs) - 1):
         ls, lt = float(logsnrs[i]), float(logsnrs[i + 1])
-        lam = torch.full((b,), ls, device=z.device)
-        out = denoise(z, lam)
-        x_hat, eps_hat = predict_x_eps(out, z, lam, kind)
-        if clip_x is not None:
-            x_hat = x_hat.clamp(-clip_x, clip_x)
-            eps_hat = predict_x_eps(x_hat, z, lam, "x")[1]
-        a_s, _ = (float(v) for v in alpha_sigma(torch.tensor(ls)))
-        a_t, s_t = (float(v) for v in alpha_sigma(torch.tensor(lt)))
+        out = denoise(z, torch.full((z.shape[0],), ls, device=z.device))
+        if i == len(logsnrs) - 2:
+            x_hat = clipped_prediction(out, z, ls, kind, clip_x)[0]
         if method == "ddim":
-            z = a_t * x_hat + s_t * eps_hat
-        elif method == "ddpm":
-            one_minus_r = -math.expm1(ls - lt)
-            r = 1.0 - one_minus_r
-            noise = torch.randn(z.shape, generator=generator, device=z.device)
-            z = r * (a_t / a_s) * z + a_t * one_minus_r * x_hat + s_t * math.sqrt(one_minus_r) * noise
+            z = ddim_step(z, out, ls, lt, kind, clip_x)
         else:
-            raise ValueError(f"unknown sampler '{method}' (ddpm, ddim)")
-        if known is not None:
-            z = impose(z, lt)
+            z = ddpm_step(z, out, ls, lt, kind, clip_x, noise(i, tuple(z.shape)))
+        z = impose(z, lt)
         if progress is not None:
             progress(i)
     return SampleResult(z, x_hat)
@@ -407,6 +481,3 @@ def guided(cond: Denoise, uncond: Denoise, scale: float) -> Denoise:
 
     return denoise
 
-
-def nats_to_bits(nats: torch.Tensor | float) -> torch.Tensor | float:
-    return nats / LN2

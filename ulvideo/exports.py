@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
             # written before the field existed: those weights were trained with the head norm in
             # the trunk's grouping (0), not today's default of one group
             info["config"]["encoder"] = {**encoder, "head_norm_groups": 0}
+        decoder = info["config"].get("decoder")
+        if isinstance(decoder, dict) and "sample_logsnr_end" in decoder:
+            # written while the decoder's stop logSNR was a config field; it is a decode argument now
+            decoder = dict(decoder)
+            end = decoder.pop("sample_logsnr_end")
+            info["config"]["decoder"] = decoder
+            if end is not None:
+                warnings.warn(f"{side}: decoder.sample_logsnr_end = {end} is no longer read from exports; "
+                              f"pass logsnr_end={end} to decode (--logsnr-end, --decoder-logsnr-end) to stop there")
         cfg = from_dict(info["config"], str(side))
     except (ValueError, KeyError) as e:
         raise ExportError(f"{side}: not a ulvideo export config ({e})") from e
@@ -81,9 +91,8 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
     return weights, cfg, info.get("meta", {})
 
 
-def load_stage1(path: str | os.PathLike, decoder_logsnr_end: float | None = None):
-    """A stage-1 export as a `UnifiedLatents` in eval mode, without gradients; `decoder_logsnr_end`
-    replaces its `decoder.sample_logsnr_end`."""
+def load_stage1(path: str | os.PathLike):
+    """A stage-1 export as a `UnifiedLatents` in eval mode, without gradients."""
     from ulvideo.ul import UnifiedLatents
 
     weights, cfg, meta = load_export(path)
@@ -93,8 +102,6 @@ def load_stage1(path: str | os.PathLike, decoder_logsnr_end: float | None = None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if decoder_logsnr_end is not None:
-        model.set_sample_logsnr_end(decoder_logsnr_end)
     return model.eval().requires_grad_(False)
 
 

@@ -6,11 +6,11 @@
 
 Generation: z ~ N(0, I) at lambda_min -> base-model sampler ending exactly at lambda_0 -> z0 (or, with
 decode_from="clean", alpha_0 times the final clean prediction) -> diffusion decoder -> pixels.
+Defaults (the `ulvideo generate` ones): guidance 4, base sampler DDPM (64 steps), decoder DDIM
+(32 steps) sampling up to the decoder's logsnr_max (`decoder_logsnr_end` stops it earlier).
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ class Pipeline:
     base: LatentDiffusion
     base_cfg: Config
     text: object | None
+    decoder_logsnr_end: float | None = None  # the default stop logSNR of `__call__` (None: logsnr_max)
 
     def condition(self, prompts: list[str] | None, labels: list[int] | None, context: torch.Tensor | None,
                   shape: tuple[int, ...]) -> tuple[Condition, Condition]:
@@ -59,15 +60,23 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, prompts: list[str] | None = None, *, labels: list[int] | None = None, seed: int = 0,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                 steps: int = 64, decoder_steps: int = 32, sampler: str = "ddpm", guidance: float = 1.0,
+                 steps: int = 64, decoder_steps: int = 32, sampler: str = "ddpm", guidance: float = 4.0,
                  context: torch.Tensor | None = None, decode_from: str = "z0", progress=None,
-                 decoder_sampler: str | None = None) -> np.ndarray:
+                 decoder_sampler: str = "ddim", decoder_logsnr_end: float | None = None) -> np.ndarray:
         """uint8 videos (B, T, H, W, 3). `context`: clips (B, 3, T_ctx, H, W) in [-1, 1] whose first
-        `context_frames` latent frames are given (frame prediction). `sampler` is the base model's;
-        the decoder's is `decoder_sampler` (default: the same)."""
+        `context_frames` latent frames are given (frame prediction). `sampler` is the base model's,
+        `decoder_sampler` the decoder's; the decoder stops at `decoder_logsnr_end` (None: the
+        pipeline's, from `load_pipeline`, else the decoder's logsnr_max). The base model draws from a
+        generator seeded `seed`, the decoder its per-frame noise from `seed`."""
         from ulvideo.videoio import to_uint8
 
         e, d = self.stage1.cfg.encoder, self.base_cfg.data
+        end = self.stage1.decoder_logsnr_end(self.decoder_logsnr_end if decoder_logsnr_end is None else decoder_logsnr_end)
+        for name, value in (("sampler", sampler), ("decoder_sampler", decoder_sampler)):
+            if value not in ("ddpm", "ddim"):
+                raise ValueError(f"{name} = '{value}' (ddpm, ddim)")
+        if decode_from not in ("z0", "clean"):
+            raise ValueError(f"decode_from = '{decode_from}' (z0, clean)")
         batch = len(prompts) if prompts else len(labels) if labels else (context.shape[0] if context is not None else 1)
         t = num_frames or d.num_frames
         if (t - 1) % e.temporal_downsample:
@@ -79,30 +88,18 @@ class Pipeline:
         g = torch.Generator().manual_seed(seed)
         res = self.base.sample(shape, cond, null, guidance, steps, sampler, g, progress)
         z0 = res.z if decode_from == "z0" else self.stage1.alpha0 * res.x_pred
-        video = self.stage1.decode(z0, t, decoder_steps, decoder_sampler or sampler, g)
+        video = self.stage1.decode(z0, decoder_steps, decoder_sampler, seed, end)
         return to_uint8(video)
-
-
-@torch.no_grad()
-def tightness_report(pipe: Pipeline, z_clean: torch.Tensor, captions: list[str] | None = None,
-                     labels: list[int] | None = None, num_logsnrs: int = 32, seed: int = 0) -> dict:
-    """Bits per clip on the same latents: the stage-1 prior's ELBO and the base model's unweighted
-    ELBO with the null condition (the tightness check) and with the clips' own condition."""
-    cond, null = pipe.condition(captions, labels, None, tuple(z_clean.shape))
-    prior = pipe.stage1.rate_bits(z_clean, num_logsnrs, seed=seed).mean().item()
-    base_null = pipe.base.elbo_bits(z_clean, null, num_logsnrs, seed=seed).mean().item()
-    base_cond = pipe.base.elbo_bits(z_clean, cond, num_logsnrs, seed=seed).mean().item()
-    return {"latents": z_clean.shape[0], "logsnr_samples": num_logsnrs, "stage1_prior_bits_per_clip": round(prior, 2),
-            "base_elbo_null_bits_per_clip": round(base_null, 2), "base_elbo_cond_bits_per_clip": round(base_cond, 2),
-            "null_over_prior": round(base_null / prior, 4)}
 
 
 def load_pipeline(export: str | Path, base: str | Path, decoder_logsnr_end: float | None = None) -> Pipeline:
     """Load a stage-1 and a stage-2 export once; a clear error when they don't belong together.
-    `decoder_logsnr_end`: where the decoder's sampling stops (default: the stage-1 export's)."""
+    `decoder_logsnr_end`: the pipeline's default stop logSNR for the decoder (None: its logsnr_max),
+    checked here (ValueError) so a bad value fails before anything is generated."""
     from ulvideo.text import load_text_encoder
 
-    stage1 = load_stage1(export, decoder_logsnr_end)
+    stage1 = load_stage1(export)
+    stage1.decoder_logsnr_end(decoder_logsnr_end)
     model, cfg, meta = load_base(base, stage1)
     text = None
     if cfg.base.text_encoder != "none":
@@ -110,7 +107,7 @@ def load_pipeline(export: str | Path, base: str | Path, decoder_logsnr_end: floa
         if meta.get("text_encoder") not in (None, text.fingerprint()):
             raise ExportError(f"{base} was trained with text encoder {meta.get('text_encoder')}, "
                               f"but {cfg.base.text_encoder} now loads as {text.fingerprint()}")
-    return Pipeline(stage1, model, cfg, text)
+    return Pipeline(stage1, model, cfg, text, decoder_logsnr_end)
 
 
 def read_input(path: str, num_frames: int | None, cfg: Config) -> torch.Tensor:

@@ -8,9 +8,10 @@ round-off, for every chunk plan.
 
 The diffusion decoder runs a whole sampler per chunk ("chunk" order): at step i, chunk c needs
 the causal state the earlier chunks left *at step i*, so the cache holds one slot per sampler step
-(plus one for the final clean prediction) and spatial tile. Noise is drawn per frame from
+(plus one for the final clean prediction) and spatial tile. All noise (the initial x, DDPM's
+ancestral noise, z0's eps_z in `UnifiedLatents.noisy_latent`) is drawn per frame from
 (seed, purpose, step, frame) (`frame_noise`), so the streamed and the one-pass decode
-(`decode_full`) see the same numbers. Memory, chunk order:
+(`decode_full` = `UnifiedLatents.decode`) see the same numbers. Memory, chunk order:
   * conv state: `kt - stride` input frames per causal conv per slot, flat in T, x (steps + 1);
   * middle transformer: each of its `depth` blocks keeps the keys and values of the earlier frames
     its block-causal attention can reach: (steps + 1) * 2 * depth * F * (H/m) * (W/m) * width values
@@ -47,18 +48,15 @@ streamed in time. For the diffusion decoder this happens at every network evalua
 step sees one x_t). A tile of t pixels runs on up to (t + 2 halo)^2 pixels (halo 40 px for the tiny
 networks, `encoder_halo` / `decoder_halo`), so tiles well above the halo waste least compute.
 
-How to call it (UnifiedLatents.decode / the CLI can route here when asked for chunks or tiles):
+How to call it. This is the only decoder path: `UnifiedLatents.decode` is `decode(..., chunk=None)`.
 
     z_clean = streaming.encode(model, video, chunk=16)                # = model.encode(video)
-    z0 = streaming.noisy_latent(model, z_clean, seed=0)
+    z0 = model.noisy_latent(z_clean, 0)                               # seed 0: eps_z per latent frame
     clip = streaming.decode(model, z0, chunk=16, steps=32, sampler="ddpm", seed=0)
-    clip = streaming.decode(model, z0, chunk=16, steps=32, tiling=streaming.Tiling(128))  # the same clip
+    clip = streaming.decode(model, z0, chunk=16, steps=32, seed=0, tiling=streaming.Tiling(128))  # the same clip
+    clip = model.decode(z0, steps=32, sampler="ddpm", seed=0)         # the same clip, one pass
     for part in streaming.stream_reconstruct(model, frame_chunks, steps=32, seed=0):
         write(part)                                                   # chunks of 1 + 16, then 16 frames
-
-`streaming.decode(..., chunk=None)` is the one-pass decode with the same per-frame noise.
-`UnifiedLatents.decode` draws its noise from one generator over the whole clip, so it gives a
-different (equally distributed) sample; to make them agree it would draw through `clip_noise`.
 """
 from __future__ import annotations
 
@@ -130,17 +128,6 @@ def clip_noise(seed: int, purpose: int, step: int, start: int, shape, device=Non
     """(B, C, T, H, W) noise whose frame t is `frame_noise(..., frame=start + t)`."""
     b, c, t, h, w = shape
     return torch.stack([frame_noise(seed, purpose, step, start + i, (b, c, h, w), device) for i in range(t)], dim=2)
-
-
-def noisy_latent(model, z_clean: torch.Tensor, seed: int = 0, start: int = 0, mode: str = "sample") -> torch.Tensor:
-    """z0 = alpha_0 z_clean + sigma_0 eps_z with eps_z drawn per latent frame (frame index `start` + j),
-    or alpha_0 z_clean for mode "mean" (DESIGN.md §1, Reconstruction)."""
-    if mode == "mean":
-        return model.alpha0 * z_clean
-    if mode != "sample":
-        raise ValueError(f"latent noise mode '{mode}' (sample, mean)")
-    eps = clip_noise(seed, NOISE_LATENT, 0, start, z_clean.shape, z_clean.device)
-    return (model.alpha0 * z_clean.float() + model.sigma0 * eps).to(z_clean.dtype)
 
 
 # ---- spatial tiles --------------------------------------------------------------------------------
@@ -370,32 +357,6 @@ def encode(model, x: torch.Tensor, chunk: int | None = 16, *, first: int | None 
 # ---- decode ---------------------------------------------------------------------------------------
 
 
-def sampler_step(z: torch.Tensor, out: torch.Tensor, logsnr_s: float, logsnr_t: float, kind: str, method: str,
-                 noise: torch.Tensor | None = None, clip_x: float | None = 1.0) -> torch.Tensor:
-    """One step of `diffusion.sample` from logSNR s to t (same equations), with the ancestral noise
-    given instead of drawn, so that it can come per frame:
-
-        DDPM: z_t = r (alpha_t / alpha_s) z_s + alpha_t (1 - r) x_hat + sigma_t sqrt(1 - r) noise,
-              r = exp(lambda_s - lambda_t);   DDIM: z_t = alpha_t x_hat + sigma_t eps_hat.
-    """
-    lam = torch.full((z.shape[0],), logsnr_s, device=z.device)
-    x_hat, eps_hat = D.predict_x_eps(out, z, lam, kind)
-    if clip_x is not None:
-        x_hat = x_hat.clamp(-clip_x, clip_x)
-        eps_hat = D.predict_x_eps(x_hat, z, lam, "x")[1]
-    a_s, _ = (float(v) for v in D.alpha_sigma(torch.tensor(logsnr_s)))
-    a_t, s_t = (float(v) for v in D.alpha_sigma(torch.tensor(logsnr_t)))
-    if method == "ddim":
-        return a_t * x_hat + s_t * eps_hat
-    if method == "ddpm":
-        if noise is None:
-            raise ValueError("a DDPM step needs its ancestral noise")
-        one_minus_r = -math.expm1(logsnr_s - logsnr_t)
-        return ((1.0 - one_minus_r) * (a_t / a_s) * z.float() + a_t * one_minus_r * x_hat
-                + s_t * math.sqrt(one_minus_r) * noise)
-    raise ValueError(f"unknown sampler '{method}' (ddpm, ddim)")
-
-
 def decoder_halo(dec) -> int:
     """Pixels of context a tile of the decoder needs on each side: the reach of the middle input (the
     down path) and of the output (down and up path, the middle output given), rounded up to the
@@ -459,16 +420,28 @@ def tiled_denoise(model, z0: torch.Tensor, tiling: Tiling) -> D.Denoise:
 
 
 class _ChunkDecoder:
-    """The sampler for one chunk of frames, given where the chunk starts and the shared cache."""
+    """The sampler for one chunk of frames, given where the chunk starts and the shared cache.
 
-    def __init__(self, model, steps: int, sampler: str, seed: int, tiling: Tiling | None):
+    Network evaluation i (0..steps) runs at logsnrs[i] with cache slot i; evaluations 0..steps-1
+    each take a `diffusion.ddpm_step` / `ddim_step` to logsnrs[i + 1], the last one gives the clean
+    prediction at logsnrs[steps] = the stop logSNR. The MSE baseline's decoder is one evaluation
+    (steps = 0) from an all-zero input at the decoder's logsnr_min."""
+
+    def __init__(self, model, steps: int, sampler: str, seed: int, tiling: Tiling | None,
+                 logsnr_end: float | None = None):
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler '{sampler}' (ddpm, ddim)")
-        self.model, self.dec, self.steps, self.sampler, self.seed = model, model.decoder, steps, sampler, seed
+        self.dec, self.sampler, self.seed = model.decoder, sampler, seed
         self.kind = model.cfg.decoder.prediction
-        end = model.sample_logsnr_end()
-        self.logsnrs = [float(v) for v in D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=end)]
-        self.logsnrs.append(end)  # the final clean prediction
+        end = model.decoder_logsnr_end(logsnr_end)
+        self.mse = model.cfg.decoder.loss == "mse"
+        if self.mse:
+            self.steps, self.logsnrs = 0, [float(model.cfg.decoder.logsnr_min)]
+        else:
+            if steps < 1:
+                raise ValueError(f"decoder steps = {steps} must be >= 1")
+            self.steps = steps
+            self.logsnrs = [float(v) for v in D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=end)]
         self.tiling, self.layout = tiling, None
         self.halo = decoder_halo(self.dec) if tiling is not None else None  # traced before any streaming
 
@@ -476,6 +449,13 @@ class _ChunkDecoder:
         k, s = self.dec.temporal_downsample, self.dec.spatial_downsample
         t = 1 + k * (z0.shape[2] - 1) if first else k * z0.shape[2]
         return (z0.shape[0], 3, t, z0.shape[3] * s, z0.shape[4] * s)
+
+    def initial(self, z0: torch.Tensor, start: int) -> torch.Tensor:
+        """x at logsnrs[0] for the frames from pixel frame `start`: per-frame noise (zeros for MSE)."""
+        shape = self.shape(z0, start == 0)
+        if self.mse:
+            return torch.zeros(shape, device=z0.device)
+        return clip_noise(self.seed, NOISE_INIT, 0, start, shape, z0.device)
 
     def denoise(self, x_t: torch.Tensor, z0: torch.Tensor, step: int, cache: CausalCache | None,
                 start: int) -> torch.Tensor:
@@ -488,17 +468,18 @@ class _ChunkDecoder:
 
     def update(self, x_t: torch.Tensor, out: torch.Tensor, step: int, start: int) -> torch.Tensor:
         """x_t at the next logSNR, or (after the last step) the clean prediction clipped to [-1, 1]."""
+        ls = self.logsnrs[step]
         if step == self.steps:
-            lam = torch.full((x_t.shape[0],), self.logsnrs[step], device=x_t.device)
-            return D.predict_x_eps(out, x_t, lam, self.kind)[0].clamp(-1.0, 1.0)
-        noise = None
-        if self.sampler == "ddpm":
-            noise = clip_noise(self.seed, NOISE_STEP, step, start, x_t.shape, x_t.device)
-        return sampler_step(x_t, out, self.logsnrs[step], self.logsnrs[step + 1], self.kind, self.sampler, noise)
+            return D.clipped_prediction(out, x_t, ls, self.kind, 1.0)[0]
+        lt = self.logsnrs[step + 1]
+        if self.sampler == "ddim":
+            return D.ddim_step(x_t, out, ls, lt, self.kind, 1.0)
+        noise = clip_noise(self.seed, NOISE_STEP, step, start, x_t.shape, x_t.device)
+        return D.ddpm_step(x_t, out, ls, lt, self.kind, 1.0, noise)
 
     def run(self, z0: torch.Tensor, start: int, cache: CausalCache | None) -> torch.Tensor:
         """All sampler steps for the frames starting at pixel frame `start` (0 = a first chunk)."""
-        x = clip_noise(self.seed, NOISE_INIT, 0, start, self.shape(z0, start == 0), z0.device)
+        x = self.initial(z0, start)
         for step in range(self.steps + 1):
             x = self.update(x, self.denoise(x, z0, step, cache, start), step, start)
         return x
@@ -506,10 +487,10 @@ class _ChunkDecoder:
 
 @torch.no_grad()
 def stream_decode(model, z0_chunks: Iterable[torch.Tensor], steps: int = 32, sampler: str = "ddpm", seed: int = 0,
-                  tiling: Tiling | None = None) -> Iterator[torch.Tensor]:
+                  tiling: Tiling | None = None, logsnr_end: float | None = None) -> Iterator[torch.Tensor]:
     """Latent chunks (1 + k, then m frames) -> clip chunks in [-1, 1] (1 + 4k, then 4m frames), chunk order:
     each chunk runs the whole sampler; the cache holds one slot of causal state per step and tile."""
-    runner, cache, start = _ChunkDecoder(model, steps, sampler, seed, tiling), CausalCache(), 0
+    runner, cache, start = _ChunkDecoder(model, steps, sampler, seed, tiling, logsnr_end), CausalCache(), 0
     with streaming(model.decoder, cache):
         for z0 in z0_chunks:
             x = runner.run(z0, start, cache)
@@ -519,32 +500,34 @@ def stream_decode(model, z0_chunks: Iterable[torch.Tensor], steps: int = 32, sam
 
 @torch.no_grad()
 def decode_full(model, z0: torch.Tensor, steps: int = 32, sampler: str = "ddpm", seed: int = 0,
-                tiling: Tiling | None = None) -> torch.Tensor:
-    """The one-pass decode with the per-frame noise of the streamed one: the reference it must equal."""
-    return _ChunkDecoder(model, steps, sampler, seed, tiling).run(z0, 0, None)
+                tiling: Tiling | None = None, logsnr_end: float | None = None) -> torch.Tensor:
+    """The one-pass decode (`UnifiedLatents.decode`), with the per-frame noise of the streamed one."""
+    return _ChunkDecoder(model, steps, sampler, seed, tiling, logsnr_end).run(z0, 0, None)
 
 
 @torch.no_grad()
 def decode(model, z0: torch.Tensor, chunk: int | None = 16, *, first: int | None = None, steps: int = 32,
-           sampler: str = "ddpm", seed: int = 0, tiling: Tiling | None = None, order: str = "chunk") -> torch.Tensor:
+           sampler: str = "ddpm", seed: int = 0, tiling: Tiling | None = None, order: str = "chunk",
+           logsnr_end: float | None = None) -> torch.Tensor:
     """z0 (B, C, T', H', W') -> clip (B, 3, T, H, W) in [-1, 1], in pixel chunks of `first`, then `chunk`
     frames (`chunk=None`: one pass). `order="chunk"` runs each chunk through all steps (state for
     every step kept); `order="step"` runs every chunk at step i before step i + 1 (state for one
-    step, the whole x_t kept). Both give the one-pass result."""
+    step, the whole x_t kept). Every plan, order and tiling gives the one-pass result. Sampling stops
+    at `model.decoder_logsnr_end(logsnr_end)` (None: the decoder's logsnr_max)."""
     k = model.decoder.temporal_downsample
     if chunk is None:
-        return decode_full(model, z0, steps, sampler, seed, tiling)
+        return decode_full(model, z0, steps, sampler, seed, tiling, logsnr_end)
+    if order not in ("chunk", "step"):
+        raise ValueError(f"unknown decode order '{order}' (chunk, step)")
     plan = chunk_plan(1 + k * (z0.shape[2] - 1), chunk, first, k)
     lat = split_time(z0, latent_plan(plan, k))
     if order == "chunk":
-        return torch.cat(list(stream_decode(model, lat, steps, sampler, seed, tiling)), dim=2)
-    if order != "step":
-        raise ValueError(f"unknown decode order '{order}' (chunk, step)")
-    runner, cache = _ChunkDecoder(model, steps, sampler, seed, tiling), CausalCache()
+        return torch.cat(list(stream_decode(model, lat, steps, sampler, seed, tiling, logsnr_end)), dim=2)
+    runner, cache = _ChunkDecoder(model, steps, sampler, seed, tiling, logsnr_end), CausalCache()
     starts = [sum(plan[:i]) for i in range(len(plan))]
-    xs = [clip_noise(seed, NOISE_INIT, 0, s, runner.shape(z, s == 0), z0.device) for s, z in zip(starts, lat)]
+    xs = [runner.initial(z, s) for s, z in zip(starts, lat)]
     with streaming(model.decoder, cache):
-        for step in range(steps + 1):
+        for step in range(runner.steps + 1):
             cache.clear()  # step i's state starts again at frame 0; step i - 1's is no longer needed
             for c, (s, z) in enumerate(zip(starts, lat)):
                 xs[c] = runner.update(xs[c], runner.denoise(xs[c], z, step, cache, s), step, s)
@@ -554,16 +537,16 @@ def decode(model, z0: torch.Tensor, chunk: int | None = 16, *, first: int | None
 @torch.no_grad()
 def stream_reconstruct(model, chunks: Iterable[torch.Tensor], steps: int = 32, sampler: str = "ddpm", seed: int = 0,
                        latent_noise: str = "sample", tiling: Tiling | None = None,
-                       encode_tiling: Tiling | None = None) -> Iterator[torch.Tensor]:
+                       encode_tiling: Tiling | None = None, logsnr_end: float | None = None) -> Iterator[torch.Tensor]:
     """Pixel chunks -> reconstructed pixel chunks, encoder and decoder both streaming: memory flat in T
     apart from the decoder's middle-transformer key/value history, which is flat too with a
-    `decoder.temporal_window` (see the module docstring). Equals
-    `decode_full(model, noisy_latent(model, model.encode(clip), seed), steps, sampler, seed)`."""
+    `decoder.temporal_window` (see the module docstring). Equals `model.reconstruct(clip, steps,
+    sampler, latent_noise, seed, logsnr_end)`."""
 
     def latents():
         start = 0
         for z in stream_encode(model, chunks, encode_tiling):
-            yield noisy_latent(model, z, seed, start, latent_noise)
+            yield model.noisy_latent(z, seed, latent_noise, start)
             start += z.shape[2]
 
-    yield from stream_decode(model, latents(), steps, sampler, seed, tiling)
+    yield from stream_decode(model, latents(), steps, sampler, seed, tiling, logsnr_end)

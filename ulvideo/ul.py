@@ -12,14 +12,14 @@ Both terms are per-clip sums; the loop divides their sum by one common constant 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ulvideo import diffusion as D
-from ulvideo.config import Config, check_sample_logsnr_end
+from ulvideo import streaming
+from ulvideo.config import Config
 from ulvideo.nets import Decoder, Encoder, LatentReadout, LatentTransformer
 
 
@@ -117,13 +117,22 @@ class UnifiedLatents(nn.Module):
         out = self.encoder(x)
         return out[:, : self.latent_channels], out[:, self.latent_channels:].clamp(-30.0, 20.0)
 
-    def noisy_latent(self, z_clean: torch.Tensor, generator: torch.Generator | None = None, mode: str = "sample") -> torch.Tensor:
-        """z0 = alpha_0 z_clean + sigma_0 eps_z ("sample", what the decoder sees in training) or alpha_0 z_clean ("mean")."""
+    def noisy_latent(self, z_clean: torch.Tensor, noise: torch.Generator | int | None = None, mode: str = "sample",
+                     start: int = 0) -> torch.Tensor:
+        """z0 = alpha_0 z_clean + sigma_0 eps_z ("sample", what the decoder sees in training) or alpha_0 z_clean ("mean").
+
+        eps_z comes from `noise`: a generator (or None, the global RNG) draws it for the whole batch, as
+        training does; an int seed draws it per latent frame (`streaming.clip_noise`, frame `start` + j),
+        so that a clip's z0 does not depend on how it is cut into chunks (what decoding uses).
+        """
         if mode == "mean":
             return self.alpha0 * z_clean
         if mode != "sample":
             raise ValueError(f"latent noise mode '{mode}' (sample, mean)")
-        eps = torch.randn(z_clean.shape, generator=generator, device=z_clean.device, dtype=torch.float32)
+        if isinstance(noise, int):
+            eps = streaming.clip_noise(noise, streaming.NOISE_LATENT, 0, start, z_clean.shape, z_clean.device)
+        else:
+            eps = torch.randn(z_clean.shape, generator=noise, device=z_clean.device, dtype=torch.float32)
         return (self.alpha0 * z_clean.float() + self.sigma0 * eps).to(z_clean.dtype)
 
     def prior_denoise(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
@@ -275,59 +284,46 @@ class UnifiedLatents(nn.Module):
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         right, _ = self.decoder_loss(x, z0, t=t, eps=eps)
         wrong, _ = self.decoder_loss(x, z0.roll(1, dims=0), t=t, eps=eps)
-        return self.cfg.ul.loss_factor * (wrong - right) / math.log(2)
+        return D.nats_to_bits(self.cfg.ul.loss_factor * (wrong - right))
 
     @torch.no_grad()
     def rate_bits(self, z_clean: torch.Tensor, num_logsnrs: int | None = None, seed: int = 0) -> torch.Tensor:
-        """Held-out rate per clip in bits: K stratified logSNRs per clip with a fixed seed."""
+        """Held-out rate per clip in bits: the prior's ELBO at K stratified logSNRs per clip, fixed seed
+        (K = `ul.eval_logsnr_samples` by default)."""
         k = num_logsnrs or self.cfg.ul.eval_logsnr_samples
-        g = torch.Generator(device=z_clean.device).manual_seed(seed)
-        total = torch.zeros(z_clean.shape[0], device=z_clean.device)
-        for i in range(k):
-            # stratum i of K for every clip, with an independent offset per clip
-            t = (i + torch.rand(z_clean.shape[0], generator=g, device=z_clean.device)) / k
-            total += D.elbo(self.prior_denoise, z_clean, self.prior_schedule, self.cfg.prior.prediction, t=t, generator=g).total
-        return total / k / math.log(2)
+        return D.stratified_elbo_bits(self.prior_denoise, z_clean, self.prior_schedule, self.cfg.prior.prediction, k, seed)
 
-    def set_sample_logsnr_end(self, end: float | None) -> None:
-        """Decode up to `end` from now on (None = lambda_max); `decoder.sample_logsnr_end` of a loaded model."""
-        check_sample_logsnr_end(self.cfg.decoder, end)
-        self.cfg.decoder.sample_logsnr_end = None if end is None else float(end)
+    def decoder_logsnr_end(self, end: float | None = None) -> float:
+        """Where decoding stops and takes the clean prediction: `end`, which must lie in the decoder's
+        (logsnr_min, logsnr_max], or logsnr_max for None. Lower ends keep more of the posterior mean
+        and less sampled detail: the prediction at logSNR 0 averages over what the decoder would
+        still invent above it."""
+        d = self.cfg.decoder
+        if end is None:
+            return float(d.logsnr_max)
+        if not d.logsnr_min < end <= d.logsnr_max:
+            raise ValueError(f"decoder logsnr_end = {end} must lie in (decoder.logsnr_min, decoder.logsnr_max] "
+                             f"= ({d.logsnr_min}, {d.logsnr_max}]")
+        return float(end)
 
-    def sample_logsnr_end(self) -> float:
-        """Where decoding stops and takes the clean prediction: `decoder.sample_logsnr_end`, else lambda_max."""
-        end = self.cfg.decoder.sample_logsnr_end
-        return self.decoder_schedule.logsnr_max if end is None else float(end)
+    @torch.no_grad()
+    def decode(self, z0: torch.Tensor, steps: int = 32, sampler: str = "ddpm", seed: int = 0,
+               logsnr_end: float | None = None) -> torch.Tensor:
+        """z0 (B, C, T', H', W') -> clips (B, 3, 1 + 4 (T' - 1), H, W) in [-1, 1].
 
-    def decode(self, z0: torch.Tensor, num_frames: int | None = None, steps: int = 32, sampler: str = "ddpm",
-               generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
-        """z0 (B, C, T', H', W') -> clips (B, 3, T, H, W) in [-1, 1], T = 1 + 4 (T' - 1) by default.
-
-        x ~ N(0, I) at the decoder's lambda_min, `steps` sampler steps up to lambda_end (its
-        lambda_max, or `decoder.sample_logsnr_end`), then the clean prediction at lambda_end,
-        clipped to [-1, 1].
+        x ~ N(0, I) at the decoder's lambda_min, `steps` sampler steps up to `decoder_logsnr_end(logsnr_end)`,
+        then the clean prediction there, clipped to [-1, 1] (the MSE baseline: its one prediction).
+        All noise is drawn per frame from `seed` (`streaming.frame_noise`): the one-pass decode of
+        `streaming.decode`, which gives the same clip chunked or tiled.
         """
-        e = self.cfg.encoder
-        if self.cfg.decoder.loss == "mse":
-            return self._mse_decode(z0, num_frames).clamp(-1.0, 1.0)
-        b, _, tl, hl, wl = z0.shape
-        t = num_frames or 1 + e.temporal_downsample * (tl - 1)
-        shape = (b, 3, t, hl * e.spatial_downsample, wl * e.spatial_downsample)
-        x = torch.randn(shape, generator=generator, device=z0.device, dtype=torch.float32)
-        sched = self.decoder_schedule
-        end = self.sample_logsnr_end()
-        logsnrs = D.sampling_logsnrs(sched, steps, logsnr_end=end)
-        denoise = self.decoder_denoise(z0)
-        res = D.sample(denoise, x, logsnrs, self.cfg.decoder.prediction, sampler, generator=generator, clip_x=1.0, progress=progress)
-        last = torch.full((b,), end, device=z0.device)
-        x_hat, _ = D.predict_x_eps(denoise(res.z, last), res.z, last, self.cfg.decoder.prediction)
-        return x_hat.clamp(-1.0, 1.0)
+        return streaming.decode(self, z0, None, steps=steps, sampler=sampler, seed=seed, logsnr_end=logsnr_end)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, steps: int = 32, sampler: str = "ddpm", latent_noise: str = "sample",
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        z0 = self.noisy_latent(self.encode(x), generator, latent_noise)
-        return self.decode(z0, x.shape[2], steps, sampler, generator)
+                    seed: int = 0, logsnr_end: float | None = None) -> torch.Tensor:
+        """decode(noisy_latent(encode(x))): z0's noise and the decoder's from the same `seed`, per frame."""
+        z0 = self.noisy_latent(self.encode(x), seed, latent_noise)
+        return self.decode(z0, steps, sampler, seed, logsnr_end)
 
 
 # ============================================================================================
@@ -399,15 +395,10 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def elbo_bits(self, z_clean: torch.Tensor, cond: Condition, num_logsnrs: int = 32, seed: int = 0) -> torch.Tensor:
-        """Unweighted ELBO per clip in bits, K stratified logSNRs per clip with a fixed seed: with the
-        null condition this is the quantity the stage-1 prior's bits bound (the tightness check)."""
-        g = torch.Generator(device=z_clean.device).manual_seed(seed)
-        total = torch.zeros(z_clean.shape[0], device=z_clean.device)
-        mask = self.target_mask(z_clean, cond)
-        for i in range(num_logsnrs):
-            t = (i + torch.rand(z_clean.shape[0], generator=g, device=z_clean.device)) / num_logsnrs
-            total += D.elbo(self.denoise(cond), z_clean, self.schedule, self.cfg.base.prediction, t=t, generator=g, mask=mask).total
-        return total / num_logsnrs / math.log(2)
+        """Unweighted ELBO per clip in bits over the generated frames, K stratified logSNRs per clip with
+        a fixed seed: with the null condition the quantity the stage-1 prior's bits bound (the tightness check)."""
+        return D.stratified_elbo_bits(self.denoise(cond), z_clean, self.schedule, self.cfg.base.prediction,
+                                      num_logsnrs, seed, self.target_mask(z_clean, cond))
 
     @torch.no_grad()
     def sample(self, shape: tuple[int, ...], cond: Condition, null: Condition | None = None, guidance: float = 1.0,
@@ -422,7 +413,8 @@ class LatentDiffusion(nn.Module):
             denoise = D.guided(denoise, self.denoise(null), guidance)
         known = None
         if cond.context is not None and cond.context_mask is not None and bool(cond.context_mask.any()):
-            known = (cond.context, cond.context_mask.to(torch.float32).view(shape[0], 1, -1, 1, 1))
+            eps_known = torch.randn(shape, generator=generator, dtype=torch.float32)  # one fixed draw
+            known = (cond.context, cond.context_mask.to(torch.float32).view(shape[0], 1, -1, 1, 1), eps_known)
         logsnrs = D.sampling_logsnrs(self.schedule, steps)
         return D.sample(denoise, z, logsnrs, self.cfg.base.prediction, sampler, generator=generator,
                         progress=progress, known=known)

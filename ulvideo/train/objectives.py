@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ulvideo.config import Config, ConfigError
+from ulvideo.diffusion import LN2
 from ulvideo.ul import UnifiedLatents, rate_gradient_scale
-
-LN2 = math.log(2.0)
 
 
 class Objective(nn.Module):
@@ -214,6 +212,7 @@ class StageTwo(Objective):
     @torch.no_grad()
     def evaluate(self, ema_weights: dict, out_dir: Path, step: int) -> dict:
         """Tightness on held-out clips: stage-1 prior bits vs the base model's ELBO (null and conditional)."""
+        from ulvideo.eval.reports import tightness_report
         from ulvideo.ul import LatentDiffusion
 
         if self._heldout is None:
@@ -224,12 +223,7 @@ class StageTwo(Objective):
         model.load_state_dict(ema_weights)
         model.eval()
         z, cond, null = self.latents_and_condition(self._heldout)
-        k = self.stage1_cfg.ul.eval_logsnr_samples
-        prior = self.stage1.rate_bits(z, k, seed=0).mean().item()
-        base_null = model.elbo_bits(z, null, k, seed=0).mean().item()
-        base_cond = model.elbo_bits(z, cond, k, seed=0).mean().item()
-        return {"prior_bits_per_clip": prior, "base_elbo_null_bits_per_clip": base_null,
-                "base_elbo_cond_bits_per_clip": base_cond, "tightness_ratio": base_null / prior, "logsnr_samples": k}
+        return tightness_report(self.stage1, model, z, cond, null, self.stage1_cfg.ul.eval_logsnr_samples, seed=0)
 
     def build_loader_split(self, split: str):
         from ulvideo.data import build_loader
