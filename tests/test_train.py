@@ -112,22 +112,3 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stdout + r.stderr
     assert not (tmp_path / "r").exists()
 
-
-def test_exports_from_before_head_norm_groups_keep_their_head(tmp_path):
-    """An export whose config predates `encoder.head_norm_groups` was trained with the head norm in
-    the trunk's grouping; it must load that way, not with today's one-group default."""
-    from ulvideo.exports import save_export
-    from ulvideo.config import Config
-    from ulvideo.nets.layers import norm_groups
-
-    torch.manual_seed(0)
-    model = UnifiedLatents(Config())
-    path = save_export(tmp_path / "e.safetensors", model.state_dict(), model.cfg, {"stage": "ul"})
-    assert load_stage1(path).encoder.norm_out.groups == 1
-    side = path.with_suffix(".json")
-    info = json.loads(side.read_text())
-    del info["config"]["encoder"]["head_norm_groups"]
-    side.write_text(json.dumps(info))
-    old = load_stage1(path)
-    c = old.encoder.norm_out.weight.numel()
-    assert old.cfg.encoder.head_norm_groups == 0 and old.encoder.norm_out.groups == norm_groups(c) > 1

@@ -66,11 +66,6 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
         raise ExportError(f"export config not found: {side} (an export is NAME.safetensors + NAME.json)")
     try:
         info = json.loads(side.read_text())
-        encoder = info["config"].get("encoder")
-        if isinstance(encoder, dict) and "head_norm_groups" not in encoder:
-            # written before the field existed: those weights were trained with the head norm in
-            # the trunk's grouping (0), not today's default of one group
-            info["config"]["encoder"] = {**encoder, "head_norm_groups": 0}
         cfg = from_dict(info["config"], str(side))
     except (ValueError, KeyError) as e:
         raise ExportError(f"{side}: not a ulvideo export config ({e})") from e
@@ -82,14 +77,14 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
 
 
 def load_stage1(path: str | os.PathLike, decoder_logsnr_end: float | None = None):
-    """A stage-1 export as a `UnifiedLatents` in eval mode, without gradients; `decoder_logsnr_end`
-    replaces its `decoder.sample_logsnr_end`."""
-    from ulvideo.ul import UnifiedLatents
+    """A stage-1 export as the `UnifiedLatents` (or baseline, `ul.model`) it holds, in eval mode,
+    without gradients; `decoder_logsnr_end` replaces its `decoder.sample_logsnr_end`."""
+    from ulvideo.baselines import build_stage1
 
     weights, cfg, meta = load_export(path)
     if meta.get("stage", "ul") != "ul":
         raise ExportError(f"{path} is a '{meta.get('stage')}' export, not a stage-1 (ul) export")
-    model = UnifiedLatents(cfg)
+    model = build_stage1(cfg)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
