@@ -8,7 +8,9 @@ the held-out clips (the config's `heldout_fraction`, chosen by path hash) report
 bits per pixel / per clip (K = 32 stratified logSNRs), PSNR of decoded reconstructions (sampler and
 steps named), the shapes measurer's colour-match rate and centroid error against each clip's true
 spec, and training clips/s (`--curve`: the same for every intermediate export). Goal: colour
-matches in >= 95% of clips and centroid within 2 px in >= 90% of frames. Writes benchmarks/results/stage1_tiny.json.
+matches in >= 95% of clips and centroid within 2 px in >= 90% of frames. The result names the
+measurer's shape decision rule (`shape_rule`: a shape counts only with a clear margin over the
+other shapes and over a round blob, else "unknown"). Writes benchmarks/results/stage1_tiny.json.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ def main() -> None:
     clips_per_s = float(np.median([r["clips_per_s"] for r in train_rows[len(train_rows) // 2:]])) if train_rows else float("nan")
     steps_s = logged_step_seconds(run)
 
+    from ulvideo.data.shapes import SHAPE_RULE
     from ulvideo.eval.reports import score_shapes_reconstructions
     from ulvideo.exports import load_stage1
 
@@ -89,14 +92,16 @@ def main() -> None:
         "bits_per_clip": round(held["bits_per_clip"], 2), "bits_per_pixel": round(held["bits_per_pixel"], 5),
         "decoder_sampler": args.sampler, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": held["logsnr_end"],
         "latent_noise": "sample",
-        **{k: held[k] for k in ("psnr_db", "colour_match", "shape_match", "direction_match", "centroid_within_2px")},
+        **{k: held[k] for k in ("psnr_db", "colour_match", "shape_match", "shape_unknown", "direction_match",
+                                "centroid_within_2px")},
+        "shape_rule": SHAPE_RULE,
         "goal": {"colour_match": 0.95, "centroid_within_2px": 0.90},
         "hardware": "cpu", "torch_threads": torch.get_num_threads(),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
     }
     result["goal_met"] = result["colour_match"] >= 0.95 and result["centroid_within_2px"] >= 0.90
     if args.curve:
-        keys = ("colour_match", "shape_match", "centroid_within_2px", "psnr_db", "bits_per_clip")
+        keys = ("colour_match", "shape_match", "shape_unknown", "centroid_within_2px", "psnr_db", "bits_per_clip")
         result["curve"] = []
         for export in sorted((run / "exports").glob("ul_step_*.safetensors")):
             got = score_shapes_reconstructions(load_stage1(export), model.cfg.data, data, limit=args.eval_clips, **scoring)

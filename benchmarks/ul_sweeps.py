@@ -2,17 +2,19 @@
 decoder sampling steps, and (with --tightness) stage-1 prior bits vs a stage-2 base model's ELBO.
 
     python benchmarks/ul_sweeps.py --tightness   # about 60 min on a 2-core CPU
-    python benchmarks/ul_sweeps.py --quick       # fewer steps and runs
+    python benchmarks/ul_sweeps.py --quick       # fewer steps and runs (ul_sweeps_quick.json)
     python benchmarks/ul_sweeps.py --frames 9    # on 9-frame clips (about 5x the time per step)
 
 Every run trains configs/ul/tiny.yaml (with overrides; the EMA decay is 1 - 10/steps, so the exported
 average forgets the initial weights) for the same number of steps on the built-in shapes data, by
 default on 1-frame clips (the causal encoder's image path, the setting of the paper's Table 5), with
 the same start-up schedule (rate held for 3/8 of the steps with the start-up term on, then a ramp
-over 1/4 of them), then is measured on the held-out clips the same way: rate in bits per pixel (the
-diffusion prior's ELBO on the noisy latent, K = 32 stratified logSNRs per clip; for the KL-VAE also its
-own KL), PSNR of DDPM reconstructions, and the decoder gain (bits the decoder saves with the right
-latent; ~0 = collapsed). Results: benchmarks/results/ul_sweeps.json and PNG plots beside it.
+over 1/4 of them). The baselines (KL-VAE over a range of beta, MSE decoder) are the stage-1 models
+`ul.model` selects (ulvideo/baselines.py). Every run is measured on the held-out clips the same way:
+rate in bits per pixel (the diffusion prior's ELBO on the noisy latent, K = 32 stratified logSNRs per
+clip; for the KL-VAE also its own KL), PSNR of DDPM reconstructions (the MSE decoder's one pass), and
+the decoder gain (bits the decoder saves with the right latent; ~0 = collapsed). Results:
+benchmarks/results/ul_sweeps.json (--quick: ul_sweeps_quick.json) and PNG plots beside it.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def train(name: str, steps: int, overrides: list[str], data: str, runs: Path, fr
 
 @torch.no_grad()
 def measure(export: Path, clips: int, decoder_steps: tuple[int, ...] = (32,)) -> dict:
+    from ulvideo.baselines import KLVAE
     from ulvideo.data import build_loader
     from ulvideo.exports import load_stage1
     from ulvideo.eval.metrics import psnr
@@ -63,7 +66,7 @@ def measure(export: Path, clips: int, decoder_steps: tuple[int, ...] = (32,)) ->
     out = {"heldout_clips": x.shape[0], "bits_per_pixel": m.rate_bits(z, 32, seed=0).mean().item() / pixels,
            "decoder_gain_bits_per_clip": m.decoder_gain(x, torch.Generator().manual_seed(0)).mean().item(),
            "z_clean_std": z.std().item()}
-    if m.vae:
+    if isinstance(m, KLVAE):
         mean, logvar = m.posterior(x)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
         out["vae_kl_bits_per_pixel"] = kl.mean().item() / math.log(2) / pixels
@@ -126,7 +129,8 @@ def main() -> None:
                    help="c_lf of the run used for the decoder-steps sweep, the lambda_0 = 10 ablation and the tightness "
                         "check (default: configs/ul/tiny.yaml's)")
     p.add_argument("--loss-factors", default=None,
-                   help="comma-separated c_lf values (default 1,1.3,1.5,2.1,3; quick: 1,1.5,3); runs already trained are reused")
+                   help="comma-separated c_lf values (default 1,1.3,1.5,2.1,3; quick: 1,1.5,3; both with the "
+                        "reference); runs already trained are reused")
     p.add_argument("--tightness", action="store_true", help="also train a base model (a few more minutes)")
     args = p.parse_args()
     steps = args.steps or (400 if args.quick else 800)
@@ -137,13 +141,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "ulvideo", "data", "synth", "--out", str(data), "--num", "512", "--frames", "9",
                         "--size", "32"], cwd=ROOT, check=True)
     t0 = time.time()
-    factors = (1.0, 1.5, 3.0) if args.quick else (1.0, 1.3, 1.5, 2.1, 3.0)
-    if args.loss_factors:
-        factors = tuple(float(v) for v in args.loss_factors.split(","))
     from ulvideo.config import load_config
 
     cfg = load_config(ROOT / CONFIG)
     ref = cfg.ul.loss_factor if args.reference_loss_factor is None else args.reference_loss_factor
+    factors = tuple(sorted({1.0, 1.5, 3.0, ref} if args.quick else {1.0, 1.3, 1.5, 2.1, 3.0, ref}))
+    if args.loss_factors:
+        factors = tuple(float(v) for v in args.loss_factors.split(","))
     if ref not in factors:
         raise SystemExit(f"--loss-factors must include the reference loss factor {ref}")
     betas = (1e-3, 1e-2) if args.quick else (1e-4, 1e-3, 1e-2)
@@ -164,13 +168,12 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     res["vae_beta_sweep"] = []
     for beta in betas:
-        export = train(f"vae_{beta}", steps, ["--ul.regularizer=kl_vae", f"--ul.kl_weight={beta}", "--ul.loss_factor=1.5", *hold], args.data, runs, args.frames)
+        export = train(f"vae_{beta}", steps, ["--ul.model=kl_vae", f"--ul.kl_weight={beta}", "--ul.loss_factor=1.5", *hold], args.data, runs, args.frames)
         row = {"kl_weight": beta, **measure(export, args.clips)}
         res["vae_beta_sweep"].append(row)
         print(json.dumps(row), flush=True)
-    if not args.quick:
-        export = train("mse_decoder", steps, ["--decoder.loss=mse", "--ul.loss_factor=1.5", *hold], args.data, runs, args.frames)
-        res["mse_decoder"] = {"loss_factor": 1.5, "mse_sigma": cfg.decoder.mse_sigma, **measure(export, args.clips)}
+    export = train("mse_decoder", steps, ["--ul.model=mse_decoder", "--ul.loss_factor=1.5", *hold], args.data, runs, args.frames)
+    res["mse_decoder"] = {"loss_factor": 1.5, "mse_sigma": cfg.ul.mse_sigma, **measure(export, args.clips)}
     export = train(f"logsnr0_10_lf{ref}", steps, ["--ul.latent_logsnr=10.0", f"--ul.loss_factor={ref}", *hold], args.data, runs,
                    args.frames)
     res["latent_logsnr_10"] = {"loss_factor": ref, **measure(export, args.clips)}

@@ -34,8 +34,10 @@ def perturb_zero_inits(module: nn.Module, std: float = 0.1, seed: int = 1) -> nn
 
 
 def make_model(*overrides):
+    from ulvideo.baselines import build_stage1
+
     torch.manual_seed(0)
-    m = UnifiedLatents(load_config(None, ["--encoder.latent_channels=4", *overrides])).eval()
+    m = build_stage1(load_config(None, ["--encoder.latent_channels=4", *overrides])).eval()
     perturb_zero_inits(m.decoder)
     return m
 
@@ -364,9 +366,9 @@ def test_latent_noise_is_per_frame():
 def test_mse_decoder_streams_like_its_one_prediction():
     # the MSE baseline decodes with one network evaluation from zeros at logsnr_min: chunked and tiled
     # it equals the loss's deterministic decode, whatever the steps and seed
-    m = make_model("--decoder.loss=mse")
+    m = make_model("--ul.model=mse_decoder")
     z0 = latents(3, seed=8)
-    ref = m._mse_decode(z0).clamp(-1, 1)
+    ref = m.predict(z0).clamp(-1, 1)
     assert_equal_at_fp32(m.decode(z0, 7, seed=3), ref)
     assert_equal_at_fp32(S.decode(m, z0, 4, steps=2, seed=1), ref)
     assert_equal_at_fp32(S.decode(m, z0, 4, steps=2, seed=1, tiling=S.Tiling(8)), ref)

@@ -40,9 +40,6 @@ class EncoderConfig:
     # architecture overrides of the named size (None = the size's value, ulvideo/nets/sizes.py)
     channels: list[int] | None = None  # one width per level: log2(max(downsampling)) + 1 entries
     num_res_blocks: int | None = None
-    # groups of the output head's per-frame norm: 1 keeps each channel group's contrast (an
-    # object's colour) relative to the others; 0 = the trunk's grouping (ulvideo/nets/encoder.py)
-    head_norm_groups: int = 1
 
 
 @dataclass
@@ -63,8 +60,6 @@ class DecoderConfig:
     logsnr_min: float = -15.0
     logsnr_max: float = 15.0
     shift: float = 0.0  # simple diffusion's resolution shift, 2*log(base/resolution)
-    loss: Literal["diffusion", "mse"] = "diffusion"  # "mse": the paper's Table-5 ablation
-    mse_sigma: float = 0.1  # loss = c_lf * ||x - x_hat||^2 / (2 mse_sigma^2) nats, for loss = mse
     attention: Literal["full", "factorized"] = "full"  # middle transformer; always causal in time
     # middle transformer: frame f attends (pixel) frames f - W + 1 .. f only; None = every earlier
     # frame. Bounds streamed decoding's key/value cache to W - 1 frames (memory flat in clip length)
@@ -76,9 +71,6 @@ class DecoderConfig:
     width: int | None = None
     depth: int | None = None
     dropout: float | None = None
-    # std of the output conv's initial weights: 0 = zero (ADM: the first prediction is 0 for every
-    # input); > 0 = small random weights, so the output's colour channels do not start identical
-    output_init_std: float = 0.0
 
 
 @dataclass
@@ -92,40 +84,20 @@ class ULConfig:
     time_sampling: Literal["uniform", "stratified", "antithetic"] = "stratified"
     rate_hold_steps: int = 0  # prior trains on z_clean.detach() for these steps
     rate_ramp_steps: int = 0  # then the rate's gradient scale ramps 0 -> 1 over these steps
-    # start-up reconstruction term: while the rate is held (and fading out as it ramps in), add
-    # (1 - rate scale) * w / 2 * ||x - x_hat(x_lmin, z0, lmin)||^2 nats, the decoder's prediction at
-    # its lowest logSNR (where only z0 informs it) made to count. 0 = off; after the ramp: exact UL.
-    startup_recon_weight: float = 0.0
-    # its own schedule (None = the rate's): scale 1 for startup_hold_steps, then a linear fade to 0
-    # over startup_fade_steps. Ending it before the rate ramps in leaves the decoder's diffusion
-    # loss steps without the term (its gradient dominates the decoder's while it is on)
-    startup_hold_steps: int | None = None
-    startup_fade_steps: int | None = None
-    # clips of each batch the start-up term is computed on (0 = all; with startup_pass shared,
-    # 0 = half): a separate pass costs one more decoder pass over them, so fewer clips make a
-    # start-up step cheaper; the term is rescaled by B / k
-    startup_clips: int = 0
-    # "separate": the term's own decoder pass (over startup_clips clips); "shared": no extra pass,
-    # the first k = startup_clips clips (0 = half the batch) of the decoder's one pass are put at
-    # its lowest logSNR and carry the term, the other B - k carry the diffusion loss (each part
-    # rescaled so its batch mean stays unbiased); a start-up step then costs what a later one does
-    startup_pass: Literal["separate", "shared"] = "separate"
-    # the decoder's input for the start-up term: "noise", x at the lowest logSNR (what sampling
-    # starts from), or "zeros" (the MSE decoder's input)
-    startup_input: Literal["noise", "zeros"] = "noise"
-    # scale k of the start-up error's chroma (its part orthogonal to grey, e - mean_rgb(e)): its
-    # squared error counts k^2 times. An object's colour is a low-variance direction of pixel space
-    # next to its luminance footprint, and an MSE autoencoder learns it last (ulvideo/ul.py)
+    # the start-up term (ulvideo/startup.py, a training aid of the stage-1 objective, never
+    # exported): (1 - rate scale) * w / 2 * ||x - readout(z0)||^2 nats with its chroma scaled by
+    # k, i.e. on during the rate hold and fading out over the ramp. 0 = off; after the ramp: exact UL
+    startup_recon_weight: float = 0.0  # w
+    # k: the error's part off the grey axis (e - mean_rgb(e)) counts k^2 times. An object's colour
+    # is a low-variance direction of pixel space next to its luminance footprint, and an MSE
+    # autoencoder learns it last
     startup_chroma_weight: float = 1.0
-    # what makes the start-up term's prediction: "decoder", the diffusion decoder at its lowest
-    # logSNR (one more decoder pass; its gradient then dominates the decoder's and the diffusion
-    # loss waits for the term to fade), or "readout", a small per-latent-position network z0 ->
-    # pixels (`LatentReadout`, width startup_readout_width) that leaves the decoder to the
-    # diffusion loss alone and costs ~nothing. Only the encoder is shared with the diffusion terms.
-    startup_head: Literal["decoder", "readout"] = "decoder"
-    startup_readout_width: int = 128
-    regularizer: Literal["diffusion_prior", "kl_vae"] = "diffusion_prior"
-    kl_weight: float = 1.0  # beta, for regularizer = kl_vae
+    # the stage-1 model: "unified" (UL), or one of the paper's Table-5 baselines
+    # (ulvideo/baselines.py): "kl_vae", a Gaussian posterior with KL to N(0, I) weighted by
+    # kl_weight; "mse_decoder", a deterministic decoder with loss c_lf ||x - x_hat||^2 / (2 mse_sigma^2)
+    model: Literal["unified", "kl_vae", "mse_decoder"] = "unified"
+    kl_weight: float = 1.0  # beta, read by model = kl_vae
+    mse_sigma: float = 0.1  # read by model = mse_decoder
     eval_logsnr_samples: int = 32  # K stratified logSNRs per clip for held-out bits
 
 
@@ -139,9 +111,6 @@ class BaseConfig:
     sigmoid_bias: float = 0.0  # b_base
     text_encoder: str = "minilm"  # "minilm", "none", or a local Hugging Face folder
     text_max_tokens: int = 32
-    # also add the prompt's masked-mean token embedding (what a sentence encoder such as MiniLM is
-    # trained to compare) to the logSNR conditioning, beside the cross-attention to its tokens
-    text_pooled: bool = False
     num_classes: int = 0
     context_frames: int = 0  # latent frames given as clean conditioning (frame prediction)
     cond_dropout: float = 0.1  # CFG dropout probability
@@ -405,23 +374,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")
     if d.decoded_cache_mb < 0:
         raise ConfigError(f"data.decoded_cache_mb = {d.decoded_cache_mb} must be >= 0 (0 = off)")
-    if cfg.ul.startup_clips < 0:
-        raise ConfigError(f"ul.startup_clips = {cfg.ul.startup_clips} must be >= 0 (0 = every clip of the batch)")
-    if cfg.decoder.output_init_std < 0:
-        raise ConfigError(f"decoder.output_init_std = {cfg.decoder.output_init_std} must be >= 0")
-    if cfg.ul.startup_chroma_weight <= 0:
-        raise ConfigError(f"ul.startup_chroma_weight = {cfg.ul.startup_chroma_weight} must be > 0 (1 = plain squared error)")
-    for name in ("startup_hold_steps", "startup_fade_steps"):
-        if getattr(cfg.ul, name) is not None and getattr(cfg.ul, name) < 0:
-            raise ConfigError(f"ul.{name} = {getattr(cfg.ul, name)} must be >= 0 (or null: the rate's schedule)")
-    if cfg.ul.startup_recon_weight < 0:
-        raise ConfigError(f"ul.startup_recon_weight = {cfg.ul.startup_recon_weight} must be >= 0")
-    if cfg.ul.startup_head == "readout":
-        if cfg.ul.startup_pass == "shared":
-            raise ConfigError("ul.startup_pass = shared shares the decoder's pass; ul.startup_head = readout "
-                              "does not use the decoder (use startup_pass: separate)")
-        if cfg.ul.startup_readout_width < 1:
-            raise ConfigError(f"ul.startup_readout_width = {cfg.ul.startup_readout_width} must be >= 1")
+    u = cfg.ul
+    if u.startup_recon_weight < 0:
+        raise ConfigError(f"ul.startup_recon_weight = {u.startup_recon_weight} must be >= 0")
+    if u.startup_recon_weight > 0 and u.rate_hold_steps + u.rate_ramp_steps == 0:
+        raise ConfigError(f"ul.startup_recon_weight = {u.startup_recon_weight} needs ul.rate_hold_steps or "
+                          "ul.rate_ramp_steps > 0: the term is on while the rate is held and fades as it ramps in")
+    if u.startup_chroma_weight <= 0:
+        raise ConfigError(f"ul.startup_chroma_weight = {u.startup_chroma_weight} must be > 0 (1 = plain squared error)")
+    if u.kl_weight < 0 or u.mse_sigma <= 0:
+        raise ConfigError(f"ul.kl_weight = {u.kl_weight} must be >= 0 and ul.mse_sigma = {u.mse_sigma} > 0")
     if not 0.0 <= d.image_ratio <= 1.0:
         raise ConfigError(f"data.image_ratio = {d.image_ratio} must lie in [0, 1]")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +66,6 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
         raise ExportError(f"export config not found: {side} (an export is NAME.safetensors + NAME.json)")
     try:
         info = json.loads(side.read_text())
-        encoder = info["config"].get("encoder")
-        if isinstance(encoder, dict) and "head_norm_groups" not in encoder:
-            # written before the field existed: those weights were trained with the head norm in
-            # the trunk's grouping (0), not today's default of one group
-            info["config"]["encoder"] = {**encoder, "head_norm_groups": 0}
-        decoder = info["config"].get("decoder")
-        if isinstance(decoder, dict) and "sample_logsnr_end" in decoder:
-            # written while the decoder's stop logSNR was a config field; it is a decode argument now
-            decoder = dict(decoder)
-            end = decoder.pop("sample_logsnr_end")
-            info["config"]["decoder"] = decoder
-            if end is not None:
-                warnings.warn(f"{side}: decoder.sample_logsnr_end = {end} is no longer read from exports; "
-                              f"pass logsnr_end={end} to decode (--logsnr-end, --decoder-logsnr-end) to stop there")
         cfg = from_dict(info["config"], str(side))
     except (ValueError, KeyError) as e:
         raise ExportError(f"{side}: not a ulvideo export config ({e})") from e
@@ -92,13 +77,14 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
 
 
 def load_stage1(path: str | os.PathLike):
-    """A stage-1 export as a `UnifiedLatents` in eval mode, without gradients."""
-    from ulvideo.ul import UnifiedLatents
+    """A stage-1 export as the `UnifiedLatents` (or baseline, `ul.model`) it holds, in eval mode,
+    without gradients."""
+    from ulvideo.baselines import build_stage1
 
     weights, cfg, meta = load_export(path)
     if meta.get("stage", "ul") != "ul":
         raise ExportError(f"{path} is a '{meta.get('stage')}' export, not a stage-1 (ul) export")
-    model = UnifiedLatents(cfg)
+    model = build_stage1(cfg)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -434,7 +434,7 @@ class _ChunkDecoder:
         self.dec, self.sampler, self.seed = model.decoder, sampler, seed
         self.kind = model.cfg.decoder.prediction
         end = model.decoder_logsnr_end(logsnr_end)
-        self.mse = model.cfg.decoder.loss == "mse"
+        self.mse = model.deterministic_decoder
         if self.mse:
             self.steps, self.logsnrs = 0, [float(model.cfg.decoder.logsnr_min)]
         else:

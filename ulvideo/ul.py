@@ -8,10 +8,16 @@
 This module owns lambda_0 (`latent_logsnr`), lambda_min (`prior_logsnr_min`), the loss factor and the
 decoder's sigmoid bias (`ULConfig`). Terms come back per sample; the training loop reduces them.
 Both terms are per-clip sums; the loop divides their sum by one common constant only.
+
+`loss` reads no mode flag. Its one start-up handle is the rate hold (DESIGN.md "Start-up dynamics"):
+`rate_scale` r scales the rate's gradient into the encoder, never its value; the objective passes
+0 during `ul.rate_hold_steps`, then ramps it to 1 over `ul.rate_ramp_steps`. The start-up term that
+accompanies the hold is the objective's (ulvideo/startup.py); the paper's baselines are subclasses
+with their own losses (ulvideo/baselines.py).
 """
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +26,7 @@ import torch.nn as nn
 from ulvideo import diffusion as D
 from ulvideo import streaming
 from ulvideo.config import Config
-from ulvideo.nets import Decoder, Encoder, LatentReadout, LatentTransformer
+from ulvideo.nets import Decoder, Encoder, LatentTransformer
 
 
 @dataclass
@@ -33,35 +39,22 @@ class ULTerms:
     distortion: torch.Tensor  # (B,) L_dec, already multiplied by the loss factor
     prior_logsnr: torch.Tensor  # (B,)
     decoder_logsnr: torch.Tensor  # (B,)
-    vae_kl: torch.Tensor | None = None  # (B,) KL(q(z|x) || N(0, I)) of the KL-VAE baseline
-    kl_weight: float = 1.0  # beta of the KL-VAE baseline
-    startup: torch.Tensor | None = None  # (B,) start-up reconstruction term, already scaled (0 after the ramp)
+    # (B, C, T', H', W') the noisy latent the decoder saw, still in the encoder's graph: what a
+    # training aid of the objective (ulvideo/startup.py) reads
+    z0: torch.Tensor
 
     @property
     def total(self) -> torch.Tensor:
-        total = self.rate + self.distortion
-        if self.vae_kl is not None:
-            # KL-VAE baseline: the encoder pays beta * KL; the prior only measures (its input is detached)
-            total = total + self.kl_weight * self.vae_kl
-        if self.startup is not None:
-            total = total + self.startup
-        return total
+        return self.rate + self.distortion
+
+    def extra(self) -> dict[str, torch.Tensor]:
+        """Per-sample terms (nats) beyond rate and distortion that `total` contains, by name, to log."""
+        return {}
 
 
 def _sum(err: torch.Tensor) -> torch.Tensor:
     """Per-sample sum of squares."""
     return (err.float() ** 2).flatten(1).sum(1)
-
-
-def chroma_scaled(err: torch.Tensor, k: float) -> torch.Tensor:
-    """RGB error (B, 3, ...) with its chroma scaled by k: grey part m = mean over RGB, m + k (err - m).
-
-    The two parts are orthogonal, so ||chroma_scaled(e, k)||^2 = ||m||^2 + k^2 ||e - m||^2.
-    """
-    if k == 1.0:
-        return err
-    grey = err.mean(dim=1, keepdim=True)
-    return grey + k * (err - grey)
 
 
 def rate_gradient_scale(step: int, hold_steps: int, ramp_steps: int) -> float:
@@ -82,40 +75,35 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class UnifiedLatents(nn.Module):
-    """Stage 1. Two baselines share the networks (selected by config, for the paper's ablations):
-    `ul.regularizer = kl_vae` — a Gaussian posterior with learned variance (the encoder predicts mean
-    and log-variance), KL to N(0, I) weighted by `ul.kl_weight`, and the diffusion prior fitted to the
-    detached latents so its rate is measured the same way as UL's; `decoder.loss = mse` — a
-    deterministic decoder x_hat(z0) with loss c_lf ||x - x_hat||^2 / (2 mse_sigma^2)."""
+    """Stage 1: `encode`, `decode`, and `loss` = L_prior + L_dec exactly as DESIGN.md §1.
+
+    The paper's Table-5 baselines subclass it in ulvideo/baselines.py (`ul.model`), each with its
+    own loss; `ulvideo.baselines.build_stage1(cfg)` builds the one a config names.
+    """
+
+    deterministic_decoder = False  # the MSE baseline (ulvideo/baselines.py) decodes in one pass
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         u, e = cfg.ul, cfg.encoder
         self.latent_channels = e.latent_channels
-        self.vae = u.regularizer == "kl_vae"
-        self.encoder = Encoder(dataclasses.replace(e, latent_channels=2 * e.latent_channels) if self.vae else e)
+        self.encoder = self.build_encoder(cfg)
         self.prior = LatentTransformer(cfg.prior, e.latent_channels)
         self.decoder = Decoder(cfg.decoder, e.latent_channels, e.temporal_downsample, e.spatial_downsample)
-        if u.startup_head == "readout":  # trained by the start-up term only; unused after it
-            self.readout = LatentReadout(e.latent_channels, u.startup_readout_width, e.temporal_downsample,
-                                         e.spatial_downsample)
         self.prior_schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)
         self.decoder_schedule = D.CosineSchedule(cfg.decoder.logsnr_max, cfg.decoder.logsnr_min, cfg.decoder.shift)
         a0, s0 = D.alpha_sigma(torch.tensor(u.latent_logsnr, dtype=torch.float64))
         self.alpha0, self.sigma0 = float(a0), float(s0)
 
+    def build_encoder(self, cfg: Config) -> Encoder:
+        return Encoder(cfg.encoder)
+
     # ---- the jobs --------------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> z_clean (B, C, T', H', W'), deterministic (the KL-VAE's mean)."""
-        out = self.encoder(x)
-        return out[:, : self.latent_channels] if self.vae else out
-
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """KL-VAE baseline: (mean, log-variance) of q(z | x)."""
-        out = self.encoder(x)
-        return out[:, : self.latent_channels], out[:, self.latent_channels:].clamp(-30.0, 20.0)
+        """(B, 3, T, H, W) in [-1, 1] -> z_clean (B, C, T', H', W'), deterministic."""
+        return self.encoder(x)
 
     def noisy_latent(self, z_clean: torch.Tensor, noise: torch.Generator | int | None = None, mode: str = "sample",
                      start: int = 0) -> torch.Tensor:
@@ -141,133 +129,31 @@ class UnifiedLatents(nn.Module):
     def decoder_denoise(self, z0: torch.Tensor):
         return lambda x_t, logsnr: self.decoder(x_t, z0, logsnr)
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None, rate_scale: float = 1.0,
-             startup_scale: float = 0.0) -> ULTerms:
-        """Stage-1 terms for a batch of clips x (B, 3, T, H, W) in [-1, 1].
+    def prior_elbo(self, z: torch.Tensor, generator: torch.Generator | None = None) -> D.ELBOTerms:
+        """L_prior of latents z: z_lambda is built from z with its own noise (never by re-noising z0)."""
+        return D.elbo(self.prior_denoise, z, self.prior_schedule, self.cfg.prior.prediction,
+                      generator=generator, time_sampling=self.cfg.ul.time_sampling)
 
-        Independent times and noises for prior and decoder, all drawn from `generator`.
-        `rate_scale` scales the rate's gradient into the encoder (1 after the start-up ramp);
-        `startup_scale` scales the start-up reconstruction term (`ul.startup_recon_weight`).
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None, rate_scale: float = 1.0) -> ULTerms:
+        """L_prior + L_dec for a batch of clips x (B, 3, T, H, W) in [-1, 1] (DESIGN.md §1).
+
+        Independent times and noises for prior and decoder, all drawn from `generator` in this
+        order: prior (times, noise), eps_z, decoder (times, noise). `rate_scale` scales the rate's
+        gradient into the encoder, not its value: 0 during the rate hold, ramping to 1 (exact UL).
         """
-        u = self.cfg.ul
-        vae_kl = None
-        if self.vae:
-            mean, logvar = self.posterior(x)
-            eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=torch.float32)
-            z_clean = mean + torch.exp(0.5 * logvar) * eps
-            vae_kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
-            z_for_prior = z_clean.detach()
-        else:
-            z_clean = self.encode(x)
-            z_for_prior = scale_gradient(z_clean, rate_scale)
-        # z_lambda is built from z_clean with its own noise (never by re-noising z0)
-        prior = D.elbo(self.prior_denoise, z_for_prior, self.prior_schedule, self.cfg.prior.prediction,
-                       generator=generator, time_sampling=u.time_sampling)
+        z_clean = self.encode(x)
+        prior = self.prior_elbo(scale_gradient(z_clean, rate_scale), generator)
         z0 = self.noisy_latent(z_clean, generator)
-        startup_on = startup_scale > 0 and u.startup_recon_weight > 0 and self.cfg.decoder.loss == "diffusion"
-        if startup_on and u.startup_pass == "shared" and x.shape[0] >= 2:
-            dist, dec_logsnr, err = self.shared_startup_pass(x, z0, generator)
-        else:
-            dist, dec_logsnr = self.decoder_loss(x, z0, generator)
-            err = self.startup_recon_error(x, z0, generator) if startup_on else None
-        startup = None if err is None else startup_scale * u.startup_recon_weight * 0.5 * err
-        return ULTerms(prior.total, prior.diffusion, prior.terminal, u.loss_factor * dist, prior.logsnr, dec_logsnr,
-                       vae_kl, u.kl_weight, startup)
-
-    def startup_recon_error(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-sample ||x - x_hat||^2 of the decoder's x-prediction from x at its lowest logSNR.
-
-        There x_lambda is (almost) pure noise, so the Bayes-optimal prediction is E[x | z0]: the
-        same target the diffusion loss has at that logSNR, where its weight is ~e^lambda_min. This
-        term gives it weight during start-up, so the decoder learns to read z0 (and the encoder to
-        write into it) as fast as a plain autoencoder does. `ul.startup_input = zeros` takes the
-        prediction from an all-zero input instead (the MSE decoder's); `ul.startup_clips` = k
-        computes it on the first k clips of the batch only (one decoder pass over k clips, not B).
-        `ul.startup_head = readout` takes the prediction from `LatentReadout(z0)` instead of the
-        decoder: the encoder learns to write into z0 just the same, the decoder is left to the
-        diffusion loss, and no decoder pass is added.
-        """
-        u = self.cfg.ul
-        b = x.shape[0]
-        k = min(b, u.startup_clips or b)
-        xs, zs = x[:k], z0[:k]
-        if u.startup_head == "readout":
-            return self._startup_error(xs, self.readout(zs).float(), b)
-        x_in = self._startup_input(xs, generator)
-        return self._startup_error(xs, self._x_at_lowest_logsnr(x_in, zs), b)
-
-    def _startup_error(self, xs: torch.Tensor, x_hat: torch.Tensor, b: int) -> torch.Tensor:
-        """Per-clip chroma-scaled squared error of the first k = len(xs) clips of a batch of b. For
-        k < b those clips carry the term, scaled by b / k so the batch mean is an unbiased estimate
-        of the all-clip term, and the others carry 0."""
-        k = xs.shape[0]
-        err = _sum(chroma_scaled(xs.float() - x_hat, self.cfg.ul.startup_chroma_weight))
-        return err if k == b else torch.cat([err * (b / k), err.new_zeros(b - k)])
-
-    def _startup_input(self, xs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The decoder's input for the start-up term: x at the lowest logSNR, or zeros."""
-        if self.cfg.ul.startup_input == "zeros":
-            return torch.zeros_like(xs)
-        lam = torch.full((xs.shape[0],), self.cfg.decoder.logsnr_min, device=xs.device)
-        a, s = (v.view(-1, 1, 1, 1, 1) for v in D.alpha_sigma(lam))
-        eps = torch.randn(xs.shape, generator=generator, device=xs.device, dtype=torch.float32)
-        return (a * xs.float() + s * eps).to(xs.dtype)
-
-    def shared_startup_pass(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None):
-        """`ul.startup_pass = shared`: the diffusion loss and the start-up error from ONE decoder pass.
-
-        The first k clips (`ul.startup_clips`, 0 = B // 2) enter at the lowest logSNR and give the
-        start-up error (scaled B / k); the other B - k give the sigmoid-weighted diffusion loss at
-        stratified times (scaled B / (B - k)); each part is 0 on the other's clips, so both batch
-        means are unbiased estimates of the all-clip terms. The network treats clips independently,
-        so this equals the two separate passes with the same draws. Draw order: the diffusion
-        clips' times and noise, then the start-up clips' noise.
-        -> (per-clip diffusion loss before the loss factor, decoder logSNRs, per-clip start-up error)
-        """
-        d, u = self.cfg.decoder, self.cfg.ul
-        b = x.shape[0]
-        k = min(b - 1, u.startup_clips or b // 2)
-        xs, xd = x[:k], x[k:]
-        t = D.sample_times(b - k, u.time_sampling, generator, x.device)
-        eps = torch.randn(xd.shape, generator=generator, device=x.device, dtype=torch.float32)
-        xs_in = self._startup_input(xs, generator)
-        lam_s = torch.full((k,), d.logsnr_min, device=x.device)
-        start = {}
-
-        def denoise(xd_t, lam_d):  # one decoder call; the start-up clips' output is kept aside
-            out = self.decoder(torch.cat([xs_in, xd_t]), z0, torch.cat([lam_s, lam_d]))
-            start["out"] = out[:k]
-            return out[k:]
-
-        dist, lam_d = D.sigmoid_weighted_loss(denoise, xd, self.decoder_schedule, d.prediction, u.sigmoid_bias,
-                                              t=t, eps=eps)
-        x_hat = D.predict_x_eps(start["out"], xs_in, lam_s, d.prediction)[0]
-        return (torch.cat([dist.new_zeros(k), dist * (b / (b - k))]), torch.cat([lam_s, lam_d]),
-                self._startup_error(xs, x_hat, b))
-
-    def _x_at_lowest_logsnr(self, x_t: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        """The decoder's x-prediction from x_t at its lowest logSNR (where only z0 informs it)."""
-        lam = torch.full((x_t.shape[0],), self.cfg.decoder.logsnr_min, device=x_t.device)
-        return D.predict_x_eps(self.decoder(x_t, z0, lam), x_t, lam, self.cfg.decoder.prediction)[0]
+        dist, dec_logsnr = self.decoder_loss(x, z0, generator)
+        return ULTerms(prior.total, prior.diffusion, prior.terminal, self.cfg.ul.loss_factor * dist, prior.logsnr,
+                       dec_logsnr, z0)
 
     def decoder_loss(self, x: torch.Tensor, z0: torch.Tensor, generator: torch.Generator | None = None,
                      t: torch.Tensor | None = None, eps: torch.Tensor | None = None):
         """Per-sample decoder loss (before the loss factor) and the logSNRs used."""
         d, u = self.cfg.decoder, self.cfg.ul
-        if d.loss == "mse":
-            x_hat = self._mse_decode(z0)
-            return _sum(x.float() - x_hat) / (2 * d.mse_sigma**2), torch.full((x.shape[0],), d.logsnr_min, device=x.device)
         return D.sigmoid_weighted_loss(self.decoder_denoise(z0), x, self.decoder_schedule, d.prediction, u.sigmoid_bias,
                                        t=t, eps=eps, generator=generator, time_sampling=u.time_sampling)
-
-    def _mse_decode(self, z0: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        """The MSE baseline's deterministic decoder: the network's x-prediction from an all-zero
-        input at the lowest logSNR (the same network, used as a plain conditional regressor)."""
-        e = self.cfg.encoder
-        b, _, tl, hl, wl = z0.shape
-        t = num_frames or 1 + e.temporal_downsample * (tl - 1)
-        zeros = torch.zeros(b, 3, t, hl * e.spatial_downsample, wl * e.spatial_downsample, device=z0.device, dtype=z0.dtype)
-        return self._x_at_lowest_logsnr(zeros, z0)
 
     @torch.no_grad()
     def decoder_gain(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

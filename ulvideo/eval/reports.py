@@ -48,8 +48,9 @@ def score_shapes_reconstructions(model: UnifiedLatents, data_cfg, folder: str | 
                                  seed: int = 0, num_logsnrs: int = 32, logsnr_end: float | None = None) -> dict:
     """Reconstruct the held-out clips of a shapes folder (`data_cfg`'s split; z0 sampled, batch i's
     noise from seed + i, decoding up to `logsnr_end`) and score them with the shapes measurer against
-    the specs `ulvideo data synth` wrote: colour / shape / direction match, the fraction of frames
-    whose centroid is within 2 px, PSNR, held-out bits per clip, and the colour errors seen."""
+    the specs `ulvideo data synth` wrote: colour / shape / direction match, the fraction of clips
+    whose shape the measurer leaves "unknown" (no clear call, `shapes.SHAPE_RULE`), the fraction of
+    frames whose centroid is within 2 px, PSNR, held-out bits per clip, and the colour errors seen."""
     import numpy as np
 
     from ulvideo.data import build_loader
@@ -58,7 +59,7 @@ def score_shapes_reconstructions(model: UnifiedLatents, data_cfg, folder: str | 
 
     specs = manifest_specs(folder)
     end = model.decoder_logsnr_end(logsnr_end)
-    colour, shape, direction, within2, psnrs, bits, wrong = [], [], [], [], [], [], []
+    colour, shape, unknown, direction, within2, psnrs, bits, wrong = [], [], [], [], [], [], [], []
     for i, batch in enumerate(build_loader(data_cfg, micro_batch_size=micro_batch_size, seed=0, split="heldout")):
         x = batch["video"]
         z = model.encode(x)
@@ -70,6 +71,7 @@ def score_shapes_reconstructions(model: UnifiedLatents, data_cfg, folder: str | 
             s = score(spec, m)
             colour.append(s["colour"])
             shape.append(s["shape"])
+            unknown.append(m.shape == "unknown")
             direction.append(s["direction"])
             within2 += [e is not None and e <= 2.0 for e in s["centroid_err"]]
             if not s["colour"]:
@@ -81,6 +83,7 @@ def score_shapes_reconstructions(model: UnifiedLatents, data_cfg, folder: str | 
     return {"clips": len(colour), "bits_per_clip": bits_t.mean().item(), "bits_per_pixel": bits_t.mean().item() / (t * h * w),
             "psnr_db": round(torch.cat(psnrs).mean().item(), 3),
             "colour_match": round(float(np.mean(colour)), 4), "shape_match": round(float(np.mean(shape)), 4),
+            "shape_unknown": round(float(np.mean(unknown)), 4),
             "direction_match": round(float(np.mean(direction)), 4),
             "centroid_within_2px": round(float(np.mean(within2)), 4), "colour_errors": wrong, "logsnr_end": end}
 

@@ -85,7 +85,7 @@ class LatentInjection(nn.Module):
 
 class LatentReadout(nn.Module):
     """z0 (B, C, T', H', W') -> pixels (B, 3, 1 + k (T' - 1), s H', s W'): a small per-latent-position
-    network, the start-up term's cheap stand-in for the decoder (`ul.startup_head = readout`).
+    network, the start-up term's cheap stand-in for the decoder (ulvideo/startup.py).
 
     Two 3x3 convs over each latent frame (width w), then a 1x1 conv to k * 3 * s * s values per
     position, laid out as the k pixel frames and s x s pixels that the latent position covers
@@ -172,12 +172,7 @@ class Decoder(nn.Module):
         self.conv_out = CausalConv3d(ch[0], 3 * p * p, 3)
         # Zero output: the first prediction is 0 for every input (ADM), a bounded start for any
         # prediction target; the gradient reaches everything else from the second step on.
-        # `decoder.output_init_std` > 0: small random weights instead (the bias stays 0).
-        std = getattr(cfg, "output_init_std", 0.0)
-        if std > 0:
-            nn.init.normal_(self.conv_out.conv.weight, std=std)
-        else:
-            nn.init.zeros_(self.conv_out.conv.weight)
+        nn.init.zeros_(self.conv_out.conv.weight)
         nn.init.zeros_(self.conv_out.conv.bias)
 
     def num_params(self) -> int:

@@ -73,12 +73,8 @@ class Encoder(nn.Module):
         # is the object's contrast in those channels, i.e. its colour. With the trunk's grouping
         # the latent keeps colour only as ratios inside groups and the networks learn it later:
         # as a plain autoencoder on 1-frame shapes clips, colour right in 48% vs 100% of held-out
-        # clips at step 900, 86% vs 95% at 1200 (benchmarks/autoencoder_colour.py, which compares
-        # the two through `encoder.head_norm_groups`: 1, the default, or 0 for the trunk's grouping).
-        groups = cfg.head_norm_groups
-        if groups < 0:
-            raise ValueError(f"encoder.head_norm_groups = {groups}; expected 0 (the trunk's grouping) or a positive divisor of {c}")
-        self.norm_out = FrameGroupNorm(c, groups=groups or None)
+        # clips at step 900, 86% vs 95% at 1200.
+        self.norm_out = FrameGroupNorm(c, groups=1)
         self.conv_out = CausalConv3d(c, cfg.latent_channels, 1)
         nn.init.normal_(self.conv_out.conv.weight, std=c**-0.5)
         nn.init.zeros_(self.conv_out.conv.bias)

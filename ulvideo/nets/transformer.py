@@ -246,10 +246,6 @@ class LatentTransformer(nn.Module):
             # A learned token every query can always attend: an empty or fully-masked prompt (the
             # CFG null condition) is then well defined instead of a softmax over no keys.
             self.text_null = nn.Parameter(torch.randn(1, 1, cond_dim) * 0.02)
-        # `text_pooled`: the masked mean of the prompt's token embeddings joins the conditioning vector
-        self.text_pooled = bool(getattr(cfg, "text_pooled", False)) and text_dim > 0
-        if self.text_pooled:
-            self.text_pool = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, cond_dim))
 
         def block(level: int) -> TransformerBlock:
             return TransformerBlock(widths[level], cond_dim, size.head_dim, factorized=factorized,
@@ -321,13 +317,6 @@ class LatentTransformer(nn.Module):
                                          f"{text_mask.dtype} {tuple(text_mask.shape)}")
                     valid = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask], dim=1)
                     mask = key_padding_mask(valid)
-                if self.text_pooled:
-                    m = (torch.ones(text_emb.shape[:2], dtype=text_emb.dtype, device=text_emb.device)
-                         if text_mask is None else text_mask.to(text_emb.dtype))
-                    n = m.sum(1, keepdim=True)
-                    pooled = (text_emb * m[..., None]).sum(1) / n.clamp(min=1)
-                    # a fully masked prompt adds nothing: it stays the null prompt
-                    cond = cond + (self.text_pool(pooled) * (n > 0)).to(cond.dtype)
         elif text_emb is not None:
             raise ValueError("text_emb given but the model was built with text_dim = 0")
         return cond, text, mask

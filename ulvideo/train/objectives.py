@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ulvideo.baselines import build_stage1
 from ulvideo.config import Config, ConfigError
 from ulvideo.diffusion import LN2
+from ulvideo.startup import StartupTerm
 from ulvideo.ul import UnifiedLatents, rate_gradient_scale
 
 
@@ -46,14 +48,18 @@ class Objective(nn.Module):
 
 
 class StageOne(Objective):
-    """Unified Latents: rate (prior ELBO) + loss factor x sigmoid-weighted decoder loss."""
+    """Stage 1: the model's loss (UL's rate + loss factor x sigmoid-weighted decoder loss, or a
+    baseline's, `ul.model`) plus, while the rate is held and ramps in, the start-up term
+    (ulvideo/startup.py). The term is a submodule here, not of the model: DeepSpeed trains and
+    resumes it with the rest, and exports (`trained`, the model's EMA weights) leave it out."""
 
     progress_keys = ("loss", "bits_per_pixel", "decoder_gain_bits")
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.model = UnifiedLatents(cfg)
+        self.model = build_stage1(cfg)
+        self.startup = StartupTerm(cfg) if cfg.ul.startup_recon_weight > 0 else None
         self._heldout = None
 
     @property
@@ -63,42 +69,39 @@ class StageOne(Objective):
     def rate_scale(self, step: int) -> float:
         return rate_gradient_scale(step, self.cfg.ul.rate_hold_steps, self.cfg.ul.rate_ramp_steps)
 
-    def startup_scale(self, step: int) -> float:
-        """1 - the rate's scale, or the term's own hold and fade (`ul.startup_hold_steps`, `_fade_steps`)."""
-        u = self.cfg.ul
-        hold = u.rate_hold_steps if u.startup_hold_steps is None else u.startup_hold_steps
-        fade = u.rate_ramp_steps if u.startup_fade_steps is None else u.startup_fade_steps
-        return 1.0 - rate_gradient_scale(step, hold, fade)
-
     def forward(self, batch: dict, generator: torch.Generator, step: int):
         x = batch["video"].to(next(self.model.parameters()).dtype)
-        terms = self.model.loss(x, generator, self.rate_scale(step), startup_scale=self.startup_scale(step))
+        terms = self.model.loss(x, generator, self.rate_scale(step))
+        total = terms.total
         _, _, t, h, w = x.shape
         pixels = t * h * w
-        # both terms are per-clip sums; their sum is divided by ONE common constant (pixels per clip)
-        loss = terms.total.mean() / pixels
         c, tl, hl, wl = self.cfg.encoder.latent_channels, 1 + (t - 1) // self.cfg.encoder.temporal_downsample, \
             h // self.cfg.encoder.spatial_downsample, w // self.cfg.encoder.spatial_downsample
         logs = {
-            "loss": loss.detach(),
             "bits_per_clip": terms.rate.detach() / LN2,
             "bits_per_pixel": terms.rate.detach() / LN2 / pixels,
             "bits_per_latent_dim": terms.rate.detach() / LN2 / (c * tl * hl * wl),
             "terminal_kl_bits": terms.rate_terminal.detach() / LN2,
             "decoder_loss_bits_per_pixel": terms.distortion.detach() / LN2 / pixels,
         }
-        if terms.vae_kl is not None:
-            logs["vae_kl_bits_per_pixel"] = terms.vae_kl.detach() / LN2 / pixels
-        if terms.startup is not None:
-            logs["startup_recon_bits_per_pixel"] = terms.startup.detach() / LN2 / pixels
+        for name, value in terms.extra().items():
+            logs[f"{name}_bits_per_pixel"] = value.detach() / LN2 / pixels
+        scale = self.startup.scale(step) if self.startup is not None else 0.0
+        if scale > 0:
+            startup = self.startup(x, terms.z0, scale)
+            total = total + startup
+            logs["startup_recon_bits_per_pixel"] = startup.detach() / LN2 / pixels
+        # every term is a per-clip sum; their sum is divided by ONE common constant (pixels per clip)
+        loss = total.mean() / pixels
+        logs["loss"] = loss.detach()
         if step % self.cfg.train.log_every == self.cfg.train.log_every - 1:
             logs["decoder_gain_bits"] = self.model.decoder_gain(x, generator)
         return loss, logs
 
     def log_constants(self, step: int) -> dict[str, float]:
         u = self.cfg.ul
-        return {"rate_grad_scale": self.rate_scale(step), "startup_recon_scale": self.startup_scale(step),
-                "latent_logsnr": u.latent_logsnr,
+        startup = {} if self.startup is None else {"startup_recon_scale": self.startup.scale(step)}
+        return {"rate_grad_scale": self.rate_scale(step), **startup, "latent_logsnr": u.latent_logsnr,
                 "prior_logsnr_min": u.prior_logsnr_min, "loss_factor": u.loss_factor, "sigmoid_bias": u.sigmoid_bias}
 
     def export_meta(self) -> dict:
@@ -121,7 +124,7 @@ class StageOne(Objective):
     def evaluate(self, ema_weights: dict, out_dir: Path, step: int) -> dict:
         from ulvideo.eval.reports import reconstruction_report
 
-        model = UnifiedLatents(self.cfg)
+        model = build_stage1(self.cfg)
         model.load_state_dict(ema_weights)
         model.eval()
         return reconstruction_report(model, self._heldout_batch(), out_dir, self.cfg.eval.decoder_steps, seed=step)
