@@ -67,7 +67,7 @@ def main() -> None:
         overrides = flags.split()
         run = ROOT / args.runs / name
         fixed = [f"--data.path={args.data}", f"--data.num_frames={args.frames}", f"--train.steps={args.steps}",
-                 f"--ul.rate_hold_steps={args.steps + 1}", f"--train.ckpt_every={args.every}", "--train.recon_every=1000000"]
+                 f"--ul.rate_hold_steps={args.steps + 1}", f"--train.ckpt_every={args.every}", "--eval.every=1000000"]
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "ulvideo", "train", args.config, "--run-dir", str(run), *fixed, *overrides],
                        cwd=ROOT, check=True)

@@ -17,7 +17,7 @@ from ulvideo.ul import Condition, UnifiedLatents
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
          "--data.heldout_fraction=0.0", "--encoder.latent_channels=4"]
-TRAIN = ["--train.global_batch_size=4", "--train.micro_batch_size=4", "--train.log_every=1", "--train.recon_every=0",
+TRAIN = ["--train.global_batch_size=4", "--train.micro_batch_size=4", "--train.log_every=1", "--eval.every=0",
          "--train.ckpt_every=100", "--train.warmup_steps=2", "--ul.eval_logsnr_samples=2"]
 
 

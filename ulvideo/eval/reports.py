@@ -16,13 +16,16 @@ def reconstruction_report(model: UnifiedLatents, videos: torch.Tensor, out_dir: 
                           seed: int = 0, sampler: str = "ddpm", latent_noise: str = "sample",
                           extractor=None, num_logsnrs: int | None = None, fps: int = 8) -> dict:
     """Reconstruct `videos` (B, 3, T, H, W) in [-1, 1]; write mp4s and a PNG sheet (inputs above
-    reconstructions) into `out_dir`; return PSNR/SSIM (and rFVD given an I3D extractor) and the
-    held-out rate in bits (K stratified logSNRs per clip, fixed seed)."""
+    reconstructions) into `out_dir`; return PSNR/SSIM (and rFVD given an I3D extractor: the
+    extractor's preset's frames of each clip) and the held-out rate in bits (K stratified logSNRs
+    per clip, fixed seed)."""
     g = torch.Generator().manual_seed(seed)
     recon = model.reconstruct(videos, steps=steps, sampler=sampler, latent_noise=latent_noise, generator=g)
     metrics = ReconstructionMetrics(extractor=extractor)
     metrics.update(videos, recon)
     out = {k.split("/")[-1]: v for k, v in metrics.compute().items()}
+    if "rfvd" in out:  # what the number depends on besides the clips
+        out |= {"fvd_preset": extractor.protocol.name, "i3d_sha256": extractor.weights.get("sha256")}
     k = num_logsnrs or model.cfg.ul.eval_logsnr_samples
     bits = model.rate_bits(model.encode(videos), k, seed=seed)
     _, _, t, h, w = videos.shape
