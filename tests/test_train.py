@@ -70,6 +70,14 @@ def test_evaluation_is_printed_with_a_notice_for_clips_too_short_for_rfvd(run):
     assert len(notices) == 1 and "scores 16-frame clips, data.num_frames = 5: no rFVD" in notices[0]
 
 
+def test_the_final_message_names_what_the_run_wrote(run):
+    _, run_dir, first = run
+    out = first.stdout[first.stdout.index("done: step 3"):]
+    for path in (run_dir / "exports" / "latest.safetensors", run_dir / "checkpoints" / "step_00000003",
+                 run_dir / "metrics.jsonl", run_dir / "samples" / "step_00000003"):
+        assert str(path) in out and path.exists()
+
+
 def test_export_reloads_to_identical_outputs(run):
     _, run_dir, _ = run
     weights, cfg, meta = load_export(run_dir / "exports" / "latest.safetensors")
