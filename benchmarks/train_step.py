@@ -40,7 +40,7 @@ from _rss import peak_rss_bytes, reset_peak_rss, rss_bytes
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SET = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
                "--data.heldout_fraction=0.0", "--data.num_workers=0", "--encoder.latent_channels=4",
-               "--prior.widths=[512]", "--prior.depths=[6]", "--train.recon_every=0", "--train.log_every=1000000",
+               "--prior.widths=[512]", "--prior.depths=[6]", "--eval.every=0", "--train.log_every=1000000",
                "--train.ckpt_every=1000000", "--train.warmup_steps=1"]
 # dense bf16 tensor-core TFLOP/s per GPU, from NVIDIA's datasheets (the "with sparsity" figures halved)
 PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,

@@ -39,7 +39,7 @@ def train(name: str, steps: int, overrides: list[str], data: str, runs: Path, fr
     meta = run / "exports" / "latest.json"
     if not (meta.is_file() and json.loads(meta.read_text())["meta"]["step"] >= steps):
         subprocess.run([sys.executable, "-m", "ulvideo", "train", CONFIG, "--run-dir", str(run),
-                        f"--data.path={data}", f"--data.num_frames={frames}", f"--train.steps={steps}", "--train.recon_every=0",
+                        f"--data.path={data}", f"--data.num_frames={frames}", f"--train.steps={steps}", "--eval.every=0",
                         f"--train.ckpt_every={steps}", f"--train.ema_decay={1 - 10 / steps:.4f}", *overrides],
                        cwd=ROOT, check=True)
     return run / "exports" / "latest.safetensors"
@@ -200,7 +200,7 @@ def tightness(runs: Path, export: Path, data: str, steps: int, frames: int) -> d
     base = runs / f"tight_base_{tag}"
     subprocess.run([sys.executable, "-m", "ulvideo", "train", "configs/base/tiny.yaml", "--run-dir", str(base),
                     f"--base.stage1_export={export}", f"--data.path={shards}", f"--data.num_frames={frames}", f"--train.steps={steps}",
-                    "--train.recon_every=0"], cwd=ROOT, check=True)
+                    "--eval.every=0"], cwd=ROOT, check=True)
     pipe = load_pipeline(export, base / "exports" / "latest.safetensors")
     # the held-out latents from the shards just written (the export's stored path may be stale)
     data_cfg = dataclasses.replace(pipe.base_cfg.data, path=str(shards))

@@ -1,6 +1,7 @@
 """Strict config loading: unknown keys and wrong types name the key and the file."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,3 +73,51 @@ def test_cli_lists_the_six_subcommands_and_refuses_unknown_flags():
     for cmd in ("train", "generate", "encode", "decode", "fvd", "data"):
         r = subprocess.run([sys.executable, "-m", "ulvideo", cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def _parsers(parser, path=("ulvideo",)):
+    """(command path, parser) for the top-level parser and every sub-command, depth first."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                assert helps.get(name), f"{' '.join(path)} {name}: no help line in the command list"
+                yield from _parsers(sub, path + (name,))
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from ulvideo.cli import build_parser
+
+    seen, missing = 0, []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            seen += 1
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert seen > 60 and not missing, missing
+
+
+def test_missing_exports_say_where_exports_come_from():
+    for argv, wanted in ((["generate", "--out", "x.mp4"], ("--export", "--base")),
+                         (["encode", "--input", "a.mp4", "--out", "z"], ("--export",)),
+                         (["decode", "--input", "z", "--out", "x.mp4"], ("--export",))):
+        r = subprocess.run([sys.executable, "-m", "ulvideo", *argv], capture_output=True, text=True)
+        assert r.returncode == 2
+        for opt in wanted:
+            assert f"  {opt}: a stage-" in r.stderr and "RUN/exports/latest.safetensors" in r.stderr
+        assert "ulvideo train configs/ul/tiny.yaml --run-dir RUN" in r.stderr
+
+
+def test_synth_defaults_are_the_data_of_the_tiny_config():
+    from ulvideo.cli import build_parser
+
+    args = build_parser().parse_args(["data", "synth", "--out", "x"])
+    d = load_config(Path(__file__).resolve().parents[1] / "configs" / "ul" / "tiny.yaml").data
+    assert (args.frames, args.size, args.size) == (d.num_frames, d.height, d.width)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
          "--data.heldout_fraction=0.0", "--data.num_workers=0", "--encoder.latent_channels=4",
          "--train.global_batch_size=4", "--train.micro_batch_size=2", "--train.log_every=1",
-         "--train.recon_every=0", "--train.warmup_steps=2", "--train.precision=fp32"]
+         "--eval.every=0", "--train.warmup_steps=2", "--train.precision=fp32"]
 # log_every=1 also exercises the decoder-gain term (its own draws from the step generator)
 
 

@@ -17,8 +17,11 @@ from ulvideo.ul import Condition, UnifiedLatents
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
          "--data.heldout_fraction=0.0", "--encoder.latent_channels=4"]
-TRAIN = ["--train.global_batch_size=4", "--train.micro_batch_size=4", "--train.log_every=1", "--train.recon_every=0",
+TRAIN = ["--train.global_batch_size=4", "--train.micro_batch_size=4", "--train.log_every=1", "--eval.every=0",
          "--train.ckpt_every=100", "--train.warmup_steps=2", "--ul.eval_logsnr_samples=2"]
+
+
+OUTPUT = {}  # the stage-2 training run's output, from the `pair` fixture
 
 
 def ulvideo(*args, check=True):
@@ -39,9 +42,27 @@ def pair(tmp_path_factory):
     shards = tmp / "latents"
     ulvideo("encode", "--export", export1, "--data", data, "--out", shards, "--shard-size", 5)
     run = tmp / "base"
-    ulvideo("train", "configs/base/tiny.yaml", "--run-dir", run, f"--base.stage1_export={export1}",
-            f"--data.path={shards}", "--train.steps=3", "--base.context_frames=1", *SMALL, *TRAIN)
+    OUTPUT["train"] = ulvideo("train", "configs/base/tiny.yaml", "--run-dir", run, f"--base.stage1_export={export1}",
+                              f"--data.path={shards}", "--train.steps=3", "--base.context_frames=1", *SMALL, *TRAIN,
+                              "--eval.every=3", "--eval.num_clips=4")
     return export1, shards, run / "exports" / "latest.safetensors", data
+
+
+def test_stage2_evaluation_and_final_message(pair):
+    """The evaluation row (tightness) is printed, and the final message names what the run wrote:
+    no reconstructions (stage 2 writes none), and the generate command that uses its export."""
+    export1, _, base, _ = pair
+    run, out = base.parent.parent, OUTPUT["train"].stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    [e] = [r for r in rows if "eval/null_over_prior" in r]
+    assert e["step"] == 3 and e["eval/null_over_prior"] == pytest.approx(
+        e["eval/base_elbo_null_bits_per_clip"] / e["eval/stage1_prior_bits_per_clip"], rel=1e-4)
+    assert (f"eval step 3: stage-1 prior {e['eval/stage1_prior_bits_per_clip']:.1f} bits/clip vs base ELBO "
+            f"{e['eval/base_elbo_null_bits_per_clip']:.1f} (null condition") in out
+    final = out[out.index("done: step 3"):]
+    assert str(base) in final and str(run / "checkpoints" / "step_00000003") in final
+    assert "samples" not in final and "reconstructions" not in final and not (run / "samples").exists()
+    assert f"ulvideo generate --export {export1} --base {base} --context VIDEO" in final
 
 
 def test_encode_writes_shards_with_text(pair):

@@ -1,5 +1,9 @@
-"""End to end: `ulvideo data synth` -> `ulvideo train` (DeepSpeed, one process) -> export -> encode/decode."""
+"""End to end: `ulvideo data synth` -> `ulvideo train` (DeepSpeed, one process) -> export -> encode/decode;
+held-out evaluation in the loop (PSNR, SSIM, bits, rFVD) checked against the files it wrote."""
+import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.num_frames=5", "--data.resolution=16", "--data.height=16", "--data.width=16",
          "--data.heldout_fraction=0.0", "--data.num_workers=0", "--encoder.latent_channels=4",
          "--train.global_batch_size=4", "--train.micro_batch_size=4", "--train.log_every=1",
-         "--train.recon_every=3", "--train.ckpt_every=2", "--eval.num_clips=2", "--eval.decoder_steps=2",
+         "--eval.every=3", "--train.ckpt_every=2", "--eval.num_clips=2", "--eval.decoder_steps=2",
          "--ul.eval_logsnr_samples=2", "--train.warmup_steps=2"]
 
 
@@ -29,7 +33,9 @@ def run(tmp_path_factory):
     data = tmp / "shapes"
     ulvideo("data", "synth", "--out", data, "--num", 12, "--frames", 5, "--size", 16, "--seed", 3)
     run_dir = tmp / "run"
-    first = ulvideo("train", "configs/ul/tiny.yaml", "--run-dir", run_dir, f"--data.path={data}", "--train.steps=3", *SMALL)
+    # 5-frame clips are too short for the preset's 16: a notice, and training goes on without rFVD
+    first = ulvideo("train", "configs/ul/tiny.yaml", "--run-dir", run_dir, f"--data.path={data}", "--train.steps=3", *SMALL,
+                    "--eval.fvd_preset=ucf101-16f-128")
     return data, run_dir, first
 
 
@@ -49,6 +55,27 @@ def test_run_writes_metrics_checkpoint_export_and_reconstructions(run):
     assert list((run_dir / "samples").rglob("*.mp4")) and list((run_dir / "samples").rglob("*.png"))
     assert list((run_dir / "tb").iterdir())
     assert "exports" in first.stdout
+
+
+def test_evaluation_is_printed_with_a_notice_for_clips_too_short_for_rfvd(run):
+    _, run_dir, first = run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [3] and "eval/rfvd" not in evals[0]  # eval.every = 3 = the last step
+    assert "loss" not in evals[0]  # an evaluation row holds evaluation numbers only
+    e = evals[0]
+    assert (f"eval step 3: PSNR {e['eval/psnr']:.2f} dB, SSIM {e['eval/ssim']:.4f}, "
+            f"{e['eval/bits_per_pixel']:.4g} bits/pixel") in first.stdout
+    notices = [line for line in first.stderr.splitlines() if "eval.fvd_preset = ucf101-16f-128" in line]
+    assert len(notices) == 1 and "scores 16-frame clips, data.num_frames = 5: no rFVD" in notices[0]
+
+
+def test_the_final_message_names_what_the_run_wrote(run):
+    _, run_dir, first = run
+    out = first.stdout[first.stdout.index("done: step 3"):]
+    for path in (run_dir / "exports" / "latest.safetensors", run_dir / "checkpoints" / "step_00000003",
+                 run_dir / "metrics.jsonl", run_dir / "samples" / "step_00000003"):
+        assert str(path) in out and path.exists()
 
 
 def test_export_reloads_to_identical_outputs(run):
@@ -113,3 +140,98 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stdout + r.stderr
     assert not (tmp_path / "r").exists()
 
+
+# ---- rFVD in the loop, with random I3D weights and a small preset registered for the test ----------
+
+WITH_TEST_PRESET = """
+import sys
+from ulvideo.eval import fvd
+fvd.PRESETS["loop-test"] = fvd.Protocol("loop-test", "tests", "i3d_pretrained_400", 9, 1, "random", 16, "bilinear",
+                                        4, 4, "unbiased", "train")
+fvd.I3D_SIZE = 32  # keeps the I3D input small on CPU
+from ulvideo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_rfvd_in_the_loop_equals_fvd_of_the_written_reconstructions(tmp_path):
+    """13-frame clips, a preset scoring their first 9 frames at 16x16 (bilinear to 32x32 for I3D).
+    Reference: the inputs and reconstructions read back from the lossless PNG sheet the evaluation
+    wrote, their first 9 frames through InceptionI3d with the random weights, the Frechet distance of
+    the two feature sets (unbiased covariances); PSNR by scikit-image."""
+    import imageio.v3 as iio
+    import numpy as np
+    import torch.nn.functional as F
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from conftest import RENDEZVOUS
+    from test_i3d import random_state
+    from ulvideo.eval.i3d import InceptionI3d
+    from ulvideo.eval.metrics import frechet_distance
+
+    data, run_dir, weights = tmp_path / "shapes", tmp_path / "run", tmp_path / "i3d_pretrained_400.pt"
+    ulvideo("data", "synth", "--out", data, "--num", 12, "--frames", 13, "--size", 16, "--seed", 3)
+    torch.save(random_state(0), weights)
+    env = {k: v for k, v in __import__("os").environ.items() if k not in RENDEZVOUS}
+    r = subprocess.run([sys.executable, "-c", WITH_TEST_PRESET, "train", "configs/ul/tiny.yaml", "--run-dir", str(run_dir),
+                        f"--data.path={data}", *SMALL, "--data.num_frames=13", "--train.steps=2", "--eval.every=2",
+                        "--eval.num_clips=3", "--eval.fvd_preset=loop-test", f"--eval.i3d_weights={weights}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert f"rFVD at every evaluation: preset loop-test, I3D {weights} (sha256 {digest})" in r.stderr
+    row = next(json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/rfvd" in x)
+    assert row["step"] == 2 and row["eval/fvd_preset"] == "loop-test" and row["eval/num_clips"] == 3
+    assert row["eval/i3d_sha256"] == digest
+    assert f"rFVD {row['eval/rfvd']:.2f} (loop-test, 3 clips)" in r.stdout
+
+    sheet = iio.imread(run_dir / "samples" / "step_00000002" / "recon_sheet.png")  # (rows*H, T*W, 3)
+    clips = sheet.reshape(6, 16, 13, 16, 3).transpose(0, 2, 1, 3, 4)  # (rows, T, H, W, 3): input, recon, ...
+    real, recon = clips[0::2], clips[1::2]
+    psnr = np.mean([peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(real, recon)])
+    assert row["eval/psnr"] == pytest.approx(psnr, rel=1e-5)
+
+    net = InceptionI3d().eval()
+    missing, unexpected = net.load_state_dict(random_state(0), strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+
+    def features(u8):
+        x = torch.from_numpy(np.ascontiguousarray(u8[:, :9])).float()  # the preset's 9 frames
+        b, t = x.shape[:2]
+        x = F.interpolate(x.flatten(0, 1).permute(0, 3, 1, 2), size=(32, 32), mode="bilinear", align_corners=False)
+        x = (x * 2 / 255 - 1).reshape(b, t, 3, 32, 32).permute(0, 2, 1, 3, 4)
+        with torch.no_grad():
+            return net(x).double().numpy()
+
+    fr, fg = features(real), features(recon)
+    ref = frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), fg.mean(0), np.cov(fg, rowvar=False))
+    assert ref > 1e-3 and row["eval/rfvd"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_rfvd_notices_and_preset_errors(tmp_path, monkeypatch, caplog):
+    """A preset without weights or with evaluation off is one warning at start-up; a preset that does
+    not exist, or one for stage 2 (whose evaluation decodes nothing), is refused before training."""
+    import logging
+
+    from ulvideo.config import ConfigError, load_config
+    from ulvideo.train.objectives import StageOne, preflight
+
+    monkeypatch.setenv("ULVIDEO_CACHE", str(tmp_path))
+    monkeypatch.delenv("ULVIDEO_I3D", raising=False)
+    caplog.set_level(logging.INFO, logger="ulvideo.train")
+    cfg = load_config(ROOT / "configs/ul/tiny.yaml", ["--data.num_frames=17", "--eval.fvd_preset=ucf101-16f-128"])
+    objective = StageOne(cfg)
+    objective.prepare_evaluation("cpu")
+    assert objective._extractor is None
+    [notice] = [r.getMessage() for r in caplog.records]
+    assert "eval.fvd_preset = ucf101-16f-128: no rFVD in this run" in notice and "\n" not in notice
+    assert "i3d_pretrained_400.pt" in notice and str(tmp_path) in notice  # what it needs and where it looked
+    caplog.clear()
+    StageOne(load_config(ROOT / "configs/ul/tiny.yaml", ["--eval.fvd_preset=ucf101-16f-128", "--eval.every=0"])
+             ).prepare_evaluation("cpu")
+    assert [r.getMessage() for r in caplog.records] == ["eval.fvd_preset = ucf101-16f-128 is unused: eval.every = 0 "
+                                                        "(no evaluation)"]
+    with pytest.raises(ConfigError, match="'nope' is not an FVD preset"):
+        preflight(load_config(ROOT / "configs/ul/tiny.yaml", ["--eval.fvd_preset=nope"]))
+    with pytest.raises(ConfigError, match="rFVD is a stage-1 evaluation"):
+        preflight(load_config(ROOT / "configs/base/tiny.yaml", ["--eval.fvd_preset=k600-5to11"]))

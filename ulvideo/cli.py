@@ -1,6 +1,6 @@
 """`ulvideo <command>`: argument parsing, and handlers that only call the library.
 
-    ulvideo data synth --out data/shapes --num 256
+    ulvideo data synth --out data/shapes                 # what configs/ul/tiny.yaml trains on
     ulvideo train configs/ul/tiny.yaml --run-dir runs/tiny --train.steps=500
     ulvideo encode --export runs/tiny/exports/latest.safetensors --input clip.mp4 --out z.safetensors
     ulvideo decode --export runs/tiny/exports/latest.safetensors --input z.safetensors --out clip.mp4
@@ -25,8 +25,27 @@ def _lazy(module: str, func: str):
     return run
 
 
+STAGE1_EXPORT = ("a stage-1 export: RUN/exports/latest.safetensors (EMA weights; its .json beside it) of a "
+                 "stage-1 run, which `ulvideo train configs/ul/tiny.yaml --run-dir RUN` writes")
+BASE_EXPORT = ("a stage-2 export: RUN/exports/latest.safetensors of a base-model run, which "
+               "`ulvideo train configs/base/tiny.yaml --run-dir RUN` writes (after `ulvideo encode --data`)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a line per missing required option on where its value comes from (`missing`)."""
+
+    def __init__(self, *args, missing: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.missing = missing or {}
+
+    def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            message += "".join(f"\n  {opt}: {hint}" for opt, hint in self.missing.items() if opt in message.split(": ", 1)[1].split(", "))
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ulvideo", description="Unified Latents for video: train, encode, decode, generate, evaluate.")
+    p = _Parser(prog="ulvideo", description="Unified Latents for video: train, encode, decode, generate, evaluate.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train stage 1 (UL autoencoder) or stage 2 (base model) from a config",
@@ -37,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(run=cmd_train)
 
     g = sub.add_parser("generate", help="generate clips from prompts, class labels or context frames",
-                       description="Generate clips with a stage-1 and a stage-2 export. Defaults: guidance 4, "
-                       "base model DDPM with 64 steps, decoder DDIM with 32 steps up to the decoder's logsnr_max.")
-    g.add_argument("--export", required=True, help="stage-1 export (.safetensors)")
-    g.add_argument("--base", required=True, help="stage-2 base-model export (.safetensors)")
+                       description="Generate clips with a stage-2 base model and the stage-1 decoder. Both come "
+                       "from training runs: --export is stage 1's RUN/exports/latest.safetensors, --base stage 2's. "
+                       "Defaults: guidance 4, base model DDPM with 64 steps, decoder DDIM with 32 steps up to the "
+                       "decoder's logsnr_max.",
+                       missing={"--export": STAGE1_EXPORT, "--base": BASE_EXPORT})
+    g.add_argument("--export", required=True, help=STAGE1_EXPORT)
+    g.add_argument("--base", required=True, help=BASE_EXPORT)
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     g.add_argument("--prompts", help="a file with one prompt per line")
     g.add_argument("--label", type=int, action="append", default=[], help="a class label (repeatable)")
@@ -60,19 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context", help="a video whose first frames are given (frame prediction)")
     g.add_argument("--decode-from", choices=["z0", "clean"], default="z0",
                    help="decode the sampled z0, or alpha0 times the final clean prediction")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=8, help="clips generated per forward pass")
     g.add_argument("--out", required=True, help="output .mp4 or .gif (a directory when several prompts)")
     g.set_defaults(run=cmd_generate)
 
-    e = sub.add_parser("encode", help="encode a video (or a dataset into latent shards) with a stage-1 export")
-    e.add_argument("--export", required=True)
+    e = sub.add_parser("encode", help="encode a video (or a dataset into latent shards) with a stage-1 export",
+                       missing={"--export": STAGE1_EXPORT})
+    e.add_argument("--export", required=True, help=STAGE1_EXPORT)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="one video or image file")
     src.add_argument("--data", help="a dataset folder: writes latent shards for stage 2")
     e.add_argument("--out", required=True, help="z.safetensors for --input, a shard directory for --data")
-    e.add_argument("--num-frames", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--shard-size", type=int, default=256)
+    e.add_argument("--num-frames", type=int, default=None, help="pixel frames per clip (1 + 4k); default: the export's training clip length")
+    e.add_argument("--batch-size", type=int, default=8, help="clips encoded per forward pass (--data)")
+    e.add_argument("--shard-size", type=int, default=256, help="latent clips per shard file (--data)")
     e.add_argument("--text-encoder", default=None, help="cache text embeddings with this encoder (default: the config's)")
     e.add_argument("--chunk", type=int, default=None,
                    help="stream in time: pixel frames per chunk after the first (a multiple of 4); equal to one pass, "
@@ -81,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
     e.set_defaults(run=cmd_encode)
 
-    d = sub.add_parser("decode", help="decode a latent file into a video with a stage-1 export")
-    d.add_argument("--export", required=True)
+    d = sub.add_parser("decode", help="decode a latent file into a video with a stage-1 export",
+                       missing={"--export": STAGE1_EXPORT})
+    d.add_argument("--export", required=True, help=STAGE1_EXPORT)
     d.add_argument("--input", required=True, help="z.safetensors holding z_clean (C, T', H', W')")
     d.add_argument("--out", required=True, help="output .mp4, .gif or .png")
     d.add_argument("--steps", type=int, default=32, help="decoder sampler steps")
-    d.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    d.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="decoder sampler")
     d.add_argument("--logsnr-end", type=float, default=None,
                    help="stop sampling at this logSNR and keep the clean prediction there; must lie in "
                         "(decoder.logsnr_min, decoder.logsnr_max] (default: logsnr_max)")
@@ -104,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fvd", help="Frechet video distance: reference statistics and scores")
     fsub = f.add_subparsers(dest="fvd_command", metavar="ACTION", required=True)
     fr = fsub.add_parser("ref", help="compute reference statistics of real videos")
-    fr.add_argument("--data", required=True)
-    fr.add_argument("--preset", required=True)
-    fr.add_argument("--out", required=True)
+    fr.add_argument("--data", required=True, help="a folder of real videos (the preset's split sub-folder when it has one)")
+    fr.add_argument("--preset", required=True, help="an FVD protocol preset, e.g. ucf101-16f-128 (PRESETS in ulvideo/eval/fvd.py)")
+    fr.add_argument("--out", required=True, help="reference statistics file to write (.npz)")
     fr.add_argument("--weights", default=None, help="I3D weights file (else $ULVIDEO_I3D or the cache dir)")
-    fr.add_argument("--batch-size", type=int, default=8)
+    fr.add_argument("--batch-size", type=int, default=8, help="clips per I3D forward pass")
     fr.add_argument("--i3d-sha256", default=None, help="confirm the weights' sha256 (needed for a TorchScript file)")
     fr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     fr.set_defaults(run=_lazy("eval.fvd", "main_ref"))
@@ -116,35 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
     fsrc = fc.add_mutually_exclusive_group(required=True)
     fsrc.add_argument("--videos", help="a folder of generated videos")
     fsrc.add_argument("--export", help="stage-1 export (with --base and --prompts)")
-    fc.add_argument("--base")
-    fc.add_argument("--prompts")
-    fc.add_argument("--ref", required=True)
-    fc.add_argument("--weights", default=None)
-    fc.add_argument("--batch-size", type=int, default=8)
+    fc.add_argument("--base", help="stage-2 export whose generations are scored (with --export)")
+    fc.add_argument("--prompts", help="a file with one prompt per line, cycled (with --export)")
+    fc.add_argument("--ref", required=True, help="reference statistics from `ulvideo fvd ref` (.npz)")
+    fc.add_argument("--weights", default=None, help="I3D weights file (else $ULVIDEO_I3D or the cache dir)")
+    fc.add_argument("--batch-size", type=int, default=8, help="clips per I3D forward pass (and per generation batch)")
     fc.add_argument("--i3d-sha256", default=None, help="confirm the weights' sha256 (needed for a TorchScript file)")
-    fc.add_argument("--device", default="auto")
-    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    fc.add_argument("--seed", type=int, default=0, help="generation seed of the first batch, +1 per batch (with --export)")
     fc.add_argument("--steps", type=int, default=64, help="base-model sampler steps (with --export)")
-    fc.add_argument("--decoder-steps", type=int, default=32)
-    fc.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    fc.add_argument("--decoder-steps", type=int, default=32, help="decoder sampler steps (with --export)")
+    fc.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler (with --export)")
     fc.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     fc.add_argument("--out", default=None, help="write the result as JSON here too")
     fc.set_defaults(run=_lazy("eval.fvd", "main_calc"))
 
     da = sub.add_parser("data", help="datasets: synthesize the built-in shapes data, scan a folder")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    # the defaults make the data configs/ul/tiny.yaml trains on (9 frames at 32x32; 5 % held out)
     ds = dsub.add_parser("synth", help="write the built-in moving-shapes dataset (mp4 + captions)")
-    ds.add_argument("--out", required=True)
-    ds.add_argument("--num", type=int, default=256)
-    ds.add_argument("--frames", type=int, default=17)
-    ds.add_argument("--size", type=int, default=64)
-    ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--fps", type=int, default=8)
+    ds.add_argument("--out", required=True, help="folder to write (refused if it holds clips beyond --num)")
+    ds.add_argument("--num", type=int, default=512, help="number of clips")
+    ds.add_argument("--frames", type=int, default=9, help="frames per clip")
+    ds.add_argument("--size", type=int, default=32, help="frame height and width in pixels (even, >= 16)")
+    ds.add_argument("--seed", type=int, default=0, help="seed of the clips' shapes, colours and motions")
+    ds.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4 files")
     ds.set_defaults(run=cmd_synth)
     dc = dsub.add_parser("scan", help="report usable and skipped files of a dataset folder")
-    dc.add_argument("dir")
+    dc.add_argument("dir", help="the dataset folder (searched recursively)")
     dc.add_argument("--out", default=None, help="JSON report path (default: DIR/scan.json)")
-    dc.add_argument("--backend", default="auto")
+    dc.add_argument("--backend", default="auto", help="video decoder: auto, decord, pyav or torchcodec")
     dc.set_defaults(run=cmd_scan)
     return p
 
@@ -303,9 +328,30 @@ def cmd_train(args) -> int:
         return 3
     if trainer.is_main:
         what = "done" if finished else "stopped (SIGTERM)"
-        print(f"{what}: step {trainer.step}; exports in {run_dir / 'exports'}; "
-              f"reconstructions in {run_dir / 'samples'}", flush=True)
+        print(f"{what}: step {trainer.step}\n" + "\n".join(f"  {line}" for line in _written(run_dir, cfg)), flush=True)
     return 0
+
+
+def _written(run_dir: Path, cfg) -> list[str]:
+    """What a finished run left in its run dir, and the command that uses it next."""
+    from ulvideo.train import checkpoint as ckpt
+
+    export = run_dir / "exports" / "latest.safetensors"
+    out = [f"exports: {export} (EMA weights; config in {export.with_suffix('.json').name})",
+           f"checkpoint: {run_dir / 'checkpoints' / (ckpt.latest_tag(run_dir / 'checkpoints') or '-')} "
+           "(rerunning the same command resumes from it)",
+           f"metrics: {run_dir / 'metrics.jsonl'} and TensorBoard {run_dir / 'tb'}"]
+    samples = sorted((run_dir / "samples").glob("step_*"))
+    if samples:
+        out.append(f"reconstructions: {samples[-1]} (recon_sheet.png: held-out inputs above their reconstructions)")
+    if cfg.stage == "ul":
+        latents = cfg.data.path.rstrip("/") + "_latents"
+        out.append(f"next: ulvideo encode --export {export} --data {cfg.data.path} --out {latents} && ulvideo train "
+                   f"configs/base/tiny.yaml --run-dir {run_dir}_base --base.stage1_export={export} --data.path={latents}")
+    else:
+        what = "--label 0" if cfg.base.num_classes else "--context VIDEO" if cfg.base.context_frames else '--prompt "..."'
+        out.append(f"next: ulvideo generate --export {cfg.base.stage1_export} --base {export} {what} --out clip.mp4")
+    return out
 
 
 def cmd_synth(args) -> int:

@@ -32,45 +32,51 @@ class ConfigError(ValueError):
 
 @dataclass
 class EncoderConfig:
+    """Stage 1's causal 3D encoder x -> z_clean (ulvideo/nets/encoder.py)."""
+
     size: str = "tiny"  # a name in ulvideo.nets.SIZES; the fields below override it when set
-    latent_channels: int = 16
+    latent_channels: int = 16  # C: channels of z_clean, the latent the prior and the decoder see
     patch_size: int = 1  # spatial-only patching (1 = none, 2 = 2x2)
     temporal_downsample: int = 4  # 4 -> T = 1 + 4k frames give 1 + k latent frames
     spatial_downsample: int = 8  # includes the patch size
     # architecture overrides of the named size (None = the size's value, ulvideo/nets/sizes.py)
     channels: list[int] | None = None  # one width per level: log2(max(downsampling)) + 1 entries
-    num_res_blocks: int | None = None
+    num_res_blocks: int | None = None  # residual blocks per level (None = the size's value)
 
 
 @dataclass
 class PriorConfig:
-    size: str = "tiny"
-    attention: Literal["full", "factorized"] = "full"
+    """Stage 1's diffusion prior on z0, whose ELBO is the latent's bitrate (ulvideo/nets/transformer.py)."""
+
+    size: str = "tiny"  # a name in ulvideo.nets.SIZES (its prior table); the fields below override it
+    attention: Literal["full", "factorized"] = "full"  # full: joint space-time; factorized: space, then time
     temporal_causal: bool = False  # frame i attends frames <= i only
-    prediction: Literal["x", "eps", "v"] = "x"
+    prediction: Literal["x", "eps", "v"] = "x"  # the network's output; the loss is the same ELBO for each
     widths: list[int] | None = None  # overrides of the named size (None = the size's value)
-    depths: list[int] | None = None
-    dropout: float | None = None
+    depths: list[int] | None = None  # blocks per level (None = the size's value)
+    dropout: float | None = None  # dropout probability (None = the size's value)
 
 
 @dataclass
 class DecoderConfig:
-    size: str = "tiny"
-    prediction: Literal["x", "eps", "v"] = "v"
-    logsnr_min: float = -15.0
-    logsnr_max: float = 15.0
+    """Stage 1's diffusion decoder p(x | z0) in pixel space (ulvideo/nets/decoder.py)."""
+
+    size: str = "tiny"  # a name in ulvideo.nets.SIZES (its decoder table); the fields below override it
+    prediction: Literal["x", "eps", "v"] = "v"  # the network's output (the loss weight is converted exactly)
+    logsnr_min: float = -15.0  # lowest logSNR of the decoder's schedule (most noise; sampling starts here)
+    logsnr_max: float = 15.0  # highest logSNR of the decoder's schedule (least noise)
     shift: float = 0.0  # simple diffusion's resolution shift, 2*log(base/resolution)
     attention: Literal["full", "factorized"] = "full"  # middle transformer; always causal in time
     # middle transformer: frame f attends (pixel) frames f - W + 1 .. f only; None = every earlier
     # frame. Bounds streamed decoding's key/value cache to W - 1 frames (memory flat in clip length)
     temporal_window: int | None = None
-    # architecture overrides of the named size (None = the size's value)
-    patch_size: int | None = None
-    channels: list[int] | None = None
-    num_res_blocks: int | None = None
-    width: int | None = None
-    depth: int | None = None
-    dropout: float | None = None
+    # architecture overrides of the named size (None = the size's value, ulvideo/nets/sizes.py)
+    patch_size: int | None = None  # spatial pixel patching before the first conv (1 = none)
+    channels: list[int] | None = None  # conv stage widths; each stage ends in a 2x spatial downsampling
+    num_res_blocks: int | None = None  # residual blocks per stage, on the way down and on the way up
+    width: int | None = None  # middle transformer width
+    depth: int | None = None  # middle transformer blocks
+    dropout: float | None = None  # dropout probability
 
 
 @dataclass
@@ -78,9 +84,11 @@ class ULConfig:
     """Stage-1 objective (ulvideo/ul.py owns these values)."""
 
     latent_logsnr: float = 5.0  # lambda_0: the fixed noise level of z0
-    prior_logsnr_min: float = -10.0
-    loss_factor: float = 1.5  # c_lf
-    sigmoid_bias: float = 0.0  # b_dec
+    prior_logsnr_min: float = -10.0  # lambda_min: the prior's lowest logSNR (its terminal KL is taken there)
+    loss_factor: float = 1.5  # c_lf: the decoder loss's weight, the dial between bits and fidelity
+    sigmoid_bias: float = 0.0  # b_dec: the decoder weight is c_lf * sigmoid(b_dec - logSNR) on the eps-error
+    # how each batch's diffusion times are drawn (all marginally uniform, so unbiased): i.i.d.,
+    # one per stratum of [0, 1), or antithetic pairs t, 1 - t
     time_sampling: Literal["uniform", "stratified", "antithetic"] = "stratified"
     rate_hold_steps: int = 0  # prior trains on z_clean.detach() for these steps
     rate_ramp_steps: int = 0  # then the rate's gradient scale ramps 0 -> 1 over these steps
@@ -103,44 +111,48 @@ class ULConfig:
 
 @dataclass
 class BaseConfig:
-    """Stage-2 base model."""
+    """Stage-2 base model on frozen stage-1 latents (ulvideo/ul.py `LatentDiffusion`)."""
 
-    size: str = "tiny"
+    size: str = "tiny"  # a name in ulvideo.nets.SIZES (its base table); the fields below override it
     stage1_export: str = ""  # path to a stage-1 export (.safetensors with its .json beside it)
-    prediction: Literal["x", "eps", "v"] = "v"
-    sigmoid_bias: float = 0.0  # b_base
+    prediction: Literal["x", "eps", "v"] = "v"  # the network's output (the loss weight is converted exactly)
+    sigmoid_bias: float = 0.0  # b_base: the base model's loss weight is sigmoid(b_base - logSNR) on the eps-error
     text_encoder: str = "minilm"  # "minilm", "none", or a local Hugging Face folder
-    text_max_tokens: int = 32
-    num_classes: int = 0
+    text_max_tokens: int = 32  # prompts are cut to this many tokens
+    num_classes: int = 0  # > 0: class-conditional on the manifest's `label` column (0 .. num_classes - 1)
     context_frames: int = 0  # latent frames given as clean conditioning (frame prediction)
     cond_dropout: float = 0.1  # CFG dropout probability
-    attention: Literal["full", "factorized"] = "full"
+    attention: Literal["full", "factorized"] = "full"  # full: joint space-time; factorized: space, then time
     temporal_causal: bool = False  # frame i attends frames <= i only
     widths: list[int] | None = None  # overrides of the named size (None = the size's value)
-    depths: list[int] | None = None
-    dropout: float | None = None
+    depths: list[int] | None = None  # blocks per level (None = the size's value)
+    dropout: float | None = None  # dropout probability (None = the size's value)
 
 
 @dataclass
 class DataConfig:
+    """Training clips (ulvideo/data/)."""
+
     path: str = "data/shapes"  # a folder of videos (recursive) or images, or latent shards
+    # what data.path holds; auto: latent shards if it has them, else videos, else images
     kind: Literal["auto", "video", "image", "mixed", "latents"] = "auto"
     image_path: str = ""  # images for kind = mixed
     image_ratio: float = 0.0  # fraction of image (T = 1) batches for kind = mixed
     manifest: str = ""  # CSV or JSONL: path, caption, optional start/end seconds, label
-    num_frames: int = 17  # 1 + 4k
-    frame_stride: int = 1
+    num_frames: int = 17  # clip length, 1 + 4k frames (images are 1-frame clips)
+    frame_stride: int = 1  # take every n-th frame of the video
     target_fps: float = 0.0  # > 0 picks frames at this rate instead of frame_stride
-    temporal_offset: Literal["random", "center"] = "random"
+    temporal_offset: Literal["random", "center"] = "random"  # where a training clip starts in its video (held-out: center)
     resolution: int = 64  # short side after resize
     height: int = 64  # crop size
-    width: int = 64
-    crop: Literal["center", "random"] = "center"
-    hflip: bool = False
-    short_video: Literal["skip", "loop"] = "skip"
-    missing_caption: Literal["empty", "skip"] = "empty"
+    width: int = 64  # crop size
+    crop: Literal["center", "random"] = "center"  # where a training clip's crop is taken (held-out: center)
+    hflip: bool = False  # flip each clip left-right with probability 1/2
+    short_video: Literal["skip", "loop"] = "skip"  # videos shorter than a clip: left out, or looped
+    missing_caption: Literal["empty", "skip"] = "empty"  # videos without a caption: caption "", or left out
+    # video decoder; auto: decord, and PyAV for rotated streams and those decord cannot read
     backend: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = decode in the training process)
     # decoded frames kept per loading process (LRU, MiB; 0 = off): a small dataset is decoded in
     # its first epoch only (loader workers live for the whole run)
     decoded_cache_mb: float = 0.0
@@ -149,45 +161,66 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps between evaluations on the held-out set (0 = off)
+    """Held-out evaluation during training, on rank 0 (ulvideo/train/objectives.py)."""
+
+    # steps between evaluations, plus one at the end of training (0 = none). Stage 1: PSNR, SSIM
+    # and bits of the held-out clips, their reconstructions written to RUN/samples/step_X/, and
+    # rFVD (fvd_preset); stage 2: the stage-1 prior's bits beside the base model's ELBO
+    every: int = 1000
+    # clips per evaluation: held-out files (data.heldout_fraction > 0), else the first training
+    # clips. rFVD from few clips is biased upward: compare it only at equal num_clips
     num_clips: int = 8
-    decoder_steps: int = 32
-    fvd_preset: str = ""  # a name in ulvideo.eval.fvd.PRESETS; rFVD is logged only when set and weights exist
-    i3d_weights: str = ""  # file or folder; empty: $ULVIDEO_I3D, then the cache dir
-    i3d_sha256: str = ""  # confirms a TorchScript I3D file whose hash no publisher states
+    decoder_steps: int = 32  # DDPM steps of the stage-1 reconstructions
+    # stage 1: a preset of ulvideo.eval.fvd.PRESETS; each evaluation then also computes the FVD of
+    # the reconstructions against their inputs (rFVD) with that preset's frames and preprocessing.
+    # Needs clips of at least the preset's frames and I3D weights (below); without them training
+    # says so once and goes on. Stage 2 has no decoder pass in its evaluation (bits only): "" there;
+    # score its generated clips with `ulvideo fvd calc`
+    fvd_preset: str = ""
+    # I3D weights file or folder for fvd_preset; "": $ULVIDEO_I3D, then $ULVIDEO_CACHE/i3d or
+    # ~/.cache/ulvideo/i3d (nothing is downloaded)
+    i3d_weights: str = ""
+    i3d_sha256: str = ""  # confirms a TorchScript I3D file (it can run code) whose hash no publisher states
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    steps: int = 1000
-    global_batch_size: int = 8
+    """The training loop under DeepSpeed (ulvideo/train/loop.py)."""
+
+    seed: int = 0  # initial weights and every step's noise: (seed, step, micro-batch slot)
+    steps: int = 1000  # optimizer steps
+    global_batch_size: int = 8  # clips per optimizer step, over all ranks
+    # clips per forward pass on one rank; accumulation = global / (micro x world size) must be whole
     micro_batch_size: int = 8
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    lr: float = 2e-4  # AdamW learning rate after the warm-up
+    weight_decay: float = 0.0  # AdamW (decoupled) weight decay
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas
+    warmup_steps: int = 100  # linear learning-rate warm-up from 0
+    grad_clip: float = 1.0  # global gradient-norm clipping
+    ema_decay: float = 0.999  # EMA of the weights; exports and evaluation use the EMA
     # decay min(ema_decay, (1 + step) / (10 + step)): short runs and early exports are not dominated
     # by the initial weights (the warm-up of diffusers' and timm's EMA)
     ema_warmup: bool = True
-    zero_stage: int = 2
-    offload_optimizer: bool = False
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (what is sharded over ranks: 1 optimizer, 2 + gradients, 3 + weights)
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     torch_adam: bool = True  # False uses DeepSpeed's fused/CPU Adam (compiled at first use)
-    activation_checkpointing: bool = False
-    attention_backend: str = "auto"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    attention_backend: str = "auto"  # one of ulvideo.attention.BACKENDS (auto: the fastest that applies)
+    # steps between log lines (metrics.jsonl, TensorBoard, the progress bar). The stop check (an
+    # all-reduce and a host sync) runs only on these steps: a SIGTERM is acted on at the next one,
+    # so keep log_every x step time within a scheduler's grace period before it kills the job
     log_every: int = 10
-    recon_every: int = 200
-    ckpt_every: int = 200
-    keep_last: int = 3
-    max_nonfinite_skips: int = 20
+    ckpt_every: int = 200  # steps between checkpoints (and exports); one more at the end
+    keep_last: int = 3  # checkpoints kept (older ones are deleted)
+    max_nonfinite_skips: int = 20  # non-finite steps in a row that stop the run (status 3)
 
 
 @dataclass
 class Config:
-    stage: Literal["ul", "base"] = "ul"
+    """One run: the stage, its networks and objective, data, evaluation and training."""
+
+    stage: Literal["ul", "base"] = "ul"  # ul: stage 1 (encoder, prior, decoder); base: stage 2 (base model)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -61,7 +61,8 @@ def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dic
         path = path.with_suffix(".safetensors")
     side = path.with_suffix(".json")
     if not path.is_file():
-        raise ExportError(f"export weights not found: {path}")
+        raise ExportError(f"export weights not found: {path} (a training run writes its exports to "
+                          "RUN/exports/latest.safetensors: `ulvideo train CONFIG --run-dir RUN`)")
     if not side.is_file():
         raise ExportError(f"export config not found: {side} (an export is NAME.safetensors + NAME.json)")
     try:

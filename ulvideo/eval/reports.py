@@ -19,12 +19,15 @@ def reconstruction_report(model: UnifiedLatents, videos: torch.Tensor, out_dir: 
                           logsnr_end: float | None = None) -> dict:
     """Reconstruct `videos` (B, 3, T, H, W) in [-1, 1] (noise from `seed`, decoding up to `logsnr_end`);
     write mp4s and a PNG sheet (inputs above reconstructions) into `out_dir`; return PSNR/SSIM (and
-    rFVD given an I3D extractor) and the held-out rate in bits (K stratified logSNRs per clip, fixed seed)."""
+    rFVD given an I3D extractor: the extractor's preset's frames of each clip) and the held-out rate
+    in bits (K stratified logSNRs per clip, fixed seed)."""
     end = model.decoder_logsnr_end(logsnr_end)
     recon = model.reconstruct(videos, steps, sampler, latent_noise, seed, end)
     metrics = ReconstructionMetrics(extractor=extractor)
     metrics.update(videos, recon)
     out = {k.split("/")[-1]: v for k, v in metrics.compute().items()}
+    if "rfvd" in out:  # what the number depends on besides the clips
+        out |= {"fvd_preset": extractor.protocol.name, "i3d_sha256": extractor.weights.get("sha256")}
     k = num_logsnrs or model.cfg.ul.eval_logsnr_samples
     bits = model.rate_bits(model.encode(videos), k, seed=seed)
     _, _, t, h, w = videos.shape

@@ -6,7 +6,10 @@
 
 Rerunning the same command resumes from RUN/checkpoints/latest, also at another world size (the
 checkpoint is converted to DeepSpeed's universal format once). The run dir holds config.yaml,
-metrics.jsonl, TensorBoard events (tb/), checkpoints/ and exports/ (EMA weights + config).
+metrics.jsonl, TensorBoard events (tb/), checkpoints/ and exports/ (EMA weights + config); stage 1's
+evaluations (every `eval.every` steps and at the end) add samples/step_X/ (reconstructions).
+SIGTERM saves a checkpoint and stops at the next log step (within `train.log_every` steps): the stop
+check is a collective with a host sync, so it runs with the log line, not every step.
 
 Determinism: micro-batch `slot = micro * world_size + rank` of step `s` is global batch
 `s * (global_batch_size / micro_batch_size) + slot` of the data order, and all of its randomness
@@ -59,10 +62,12 @@ def check_config(cfg: Config, world_size: int) -> None:
             f"= {t.micro_batch_size} × {world_size} (gradient accumulation = global / (micro × world) must be whole)")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
-    for key, low in (("steps", 0), ("ckpt_every", 1), ("keep_last", 1), ("log_every", 1), ("max_nonfinite_skips", 1),
-                     ("recon_every", 0), ("warmup_steps", 0)):
-        if getattr(t, key) < low:
-            raise ConfigError(f"train.{key} = {getattr(t, key)} must be >= {low}")
+    for section, key, low in (("train", "steps", 0), ("train", "ckpt_every", 1), ("train", "keep_last", 1),
+                              ("train", "log_every", 1), ("train", "max_nonfinite_skips", 1), ("train", "warmup_steps", 0),
+                              ("eval", "every", 0), ("eval", "num_clips", 1), ("eval", "decoder_steps", 1)):
+        value = getattr(getattr(cfg, section), key)
+        if value < low:
+            raise ConfigError(f"{section}.{key} = {value} must be >= {low}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay = {t.ema_decay} must lie in [0, 1)")
 
@@ -263,16 +268,19 @@ class MetricLog:
         self.count += 1
 
     def write(self, step: int, extra: dict[str, float], reduce: bool = True) -> dict[str, float]:
-        """`reduce=False` for rows only rank 0 computes (evaluation)."""
-        keys = sorted(self.sums)
-        means = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1) if keys else torch.zeros(0)
-        if reduce and self.world > 1 and keys:
-            torch.distributed.all_reduce(means)
-            means = means / self.world
-        row = dict(zip(keys, means.tolist()))
+        """The running means (averaged over ranks) and `extra`; `reduce=False` for rows only rank 0
+        computes (evaluation): `extra` alone, the running means keep accumulating."""
+        row = {}
+        if reduce:
+            keys = sorted(self.sums)
+            means = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1) if keys else torch.zeros(0)
+            if self.world > 1 and keys:
+                torch.distributed.all_reduce(means)
+                means = means / self.world
+            row = dict(zip(keys, means.tolist()))
+            self.sums, self.count = {}, 0
         row.update(extra)
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}}
-        self.sums, self.count = {}, 0
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -327,6 +335,8 @@ class Trainer:
         self.loader = self.objective.build_loader(cfg, rank=self.rank, world_size=self.world)
         self.loader_iter = None
         self.metrics = MetricLog(self.run_dir, self.is_main, self.world)
+        if self.is_main:
+            self.objective.prepare_evaluation(self.device)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -437,14 +447,15 @@ class Trainer:
         return {"clips": torch.tensor(float(clips * self.world))}
 
     def fit(self) -> bool:
-        """Train to `train.steps`. Returns False when stopped early by SIGTERM (after saving)."""
+        """Train to `train.steps`. Returns False when stopped early by SIGTERM (after saving); the
+        stop is checked at log steps only."""
         from tqdm import tqdm
 
-        cfg = self.cfg.train
+        cfg, every = self.cfg.train, self.cfg.eval.every
         signal.signal(signal.SIGTERM, self._on_sigterm)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True, desc=f"train {self.cfg.stage}")
         t_last, clips_since = time.perf_counter(), 0.0
-        while self.step < cfg.steps and not self._should_stop():
+        while self.step < cfg.steps:
             logs = self.train_step()
             clips_since += float(logs.pop("clips"))
             if logs:
@@ -462,14 +473,16 @@ class Trainer:
                 if self.is_main:
                     bar.set_postfix({k: f"{row[k]:.4g}" for k in self.objective.progress_keys if k in row})
                 t_last, clips_since, self.skipped_since_log = now, 0.0, 0
-            if cfg.recon_every and self.step % cfg.recon_every == 0:
+                if self._should_stop():
+                    break
+            if every and self.step % every == 0:
                 self.evaluate()
             if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                 self.save()
         bar.close()
         finished = self.step >= cfg.steps
         self.save()
-        if finished and cfg.recon_every and self.step % cfg.recon_every:
+        if finished and every and self.step % every:
             self.evaluate()
         if not finished and self.is_main:
             log.info("stopped by SIGTERM at step %d; checkpoint %s saved", self.step, ckpt.tag_for(self.step))
@@ -481,14 +494,17 @@ class Trainer:
             return {}
         out = self.objective.evaluate(weights, self.run_dir / "samples" / ckpt.tag_for(self.step), self.step)
         if out:
+            from tqdm import tqdm
+
             self.metrics.write(self.step, {f"eval/{k}": v for k, v in out.items()}, reduce=False)
+            tqdm.write(f"eval step {self.step}: {self.objective.describe_evaluation(out)}")
         return out
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
     def _should_stop(self) -> bool:
-        """Any rank's SIGTERM stops all of them at the same step."""
+        """Any rank's SIGTERM stops all of them at the same step (called at log steps only)."""
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(flag)

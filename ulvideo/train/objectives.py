@@ -43,8 +43,15 @@ class Objective(nn.Module):
     def export_meta(self) -> dict:
         return {}
 
+    def prepare_evaluation(self, device) -> None:
+        """Once, on rank 0, before the first step: load what evaluation needs, say what it will skip."""
+
     def evaluate(self, ema_weights: dict, out_dir: Path, step: int) -> dict:
         return {}
+
+    def describe_evaluation(self, out: dict) -> str:
+        """One line for the terminal from `evaluate`'s numbers."""
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items())
 
 
 class StageOne(Objective):
@@ -61,6 +68,7 @@ class StageOne(Objective):
         self.model = build_stage1(cfg)
         self.startup = StartupTerm(cfg) if cfg.ul.startup_recon_weight > 0 else None
         self._heldout = None
+        self._extractor = None  # I3D features for rFVD (rank 0), from prepare_evaluation
 
     @property
     def trained(self) -> nn.Module:
@@ -120,6 +128,30 @@ class StageOne(Objective):
             self._heldout = next(iter(loader))["video"]
         return self._heldout
 
+    def prepare_evaluation(self, device) -> None:
+        """Load the I3D network for rFVD when `eval.fvd_preset` names a preset; when it cannot be
+        computed (evaluation off, clips shorter than the preset's, no weights) say so once."""
+        e, log = self.cfg.eval, logging.getLogger("ulvideo.train")
+        if not e.fvd_preset:
+            return
+        from ulvideo.eval import fvd
+
+        if not e.every:
+            log.warning("eval.fvd_preset = %s is unused: eval.every = 0 (no evaluation)", e.fvd_preset)
+            return
+        need = fvd.clip_span(fvd.get_preset(e.fvd_preset))
+        if self.cfg.data.num_frames < need:
+            log.warning("eval.fvd_preset = %s scores %d-frame clips, data.num_frames = %d: no rFVD in this run "
+                        "(PSNR, SSIM and bits are still evaluated)", e.fvd_preset, need, self.cfg.data.num_frames)
+            return
+        self._extractor, why = fvd.try_load_extractor(e, device)
+        if self._extractor is None:
+            log.warning("eval.fvd_preset = %s: no rFVD in this run (set eval.i3d_weights or $ULVIDEO_I3D): %s",
+                        e.fvd_preset, " ".join(why.split()))
+        else:
+            w = self._extractor.weights
+            log.info("rFVD at every evaluation: preset %s, I3D %s (sha256 %s)", e.fvd_preset, w["file"], w["sha256"])
+
     @torch.no_grad()
     def evaluate(self, ema_weights: dict, out_dir: Path, step: int) -> dict:
         from ulvideo.eval.reports import reconstruction_report
@@ -127,7 +159,19 @@ class StageOne(Objective):
         model = build_stage1(self.cfg)
         model.load_state_dict(ema_weights)
         model.eval()
-        return reconstruction_report(model, self._heldout_batch(), out_dir, self.cfg.eval.decoder_steps, seed=step)
+        videos, ext = self._heldout_batch(), self._extractor
+        if ext is not None:
+            from ulvideo.eval.fvd import clip_span
+
+            ext = ext if videos.shape[2] >= clip_span(ext.protocol) else None  # images of mixed data: no rFVD
+        return reconstruction_report(model, videos, out_dir, self.cfg.eval.decoder_steps, seed=step, extractor=ext)
+
+    def describe_evaluation(self, out: dict) -> str:
+        line = (f"PSNR {out['psnr']:.2f} dB, SSIM {out['ssim']:.4f}, {out['bits_per_pixel']:.4g} bits/pixel "
+                f"({out['bits_per_clip']:.1f} bits/clip, K = {out['rate_logsnr_samples']})")
+        if "rfvd" in out:
+            line += f", rFVD {out['rfvd']:.2f} ({out['fvd_preset']}, {int(out['num_clips'])} clips)"
+        return line
 
 
 class StageTwo(Objective):
@@ -228,6 +272,11 @@ class StageTwo(Objective):
         z, cond, null = self.latents_and_condition(self._heldout)
         return tightness_report(self.stage1, model, z, cond, null, self.stage1_cfg.ul.eval_logsnr_samples, seed=0)
 
+    def describe_evaluation(self, out: dict) -> str:
+        return (f"stage-1 prior {out['stage1_prior_bits_per_clip']:.1f} bits/clip vs base ELBO "
+                f"{out['base_elbo_null_bits_per_clip']:.1f} (null condition, ratio {out['null_over_prior']:.3f}), "
+                f"{out['base_elbo_cond_bits_per_clip']:.1f} (conditional); K = {out['logsnr_samples']}")
+
     def build_loader_split(self, split: str):
         from ulvideo.data import build_loader
 
@@ -253,6 +302,14 @@ def preflight(cfg: Config) -> None:
     """Checks that need no process group: the data exist and hold usable clips."""
     if cfg.stage not in OBJECTIVES:
         raise ConfigError(f"stage '{cfg.stage}' is not available in this version (known: {', '.join(OBJECTIVES)})")
+    if cfg.eval.fvd_preset:
+        from ulvideo.eval.fvd import PRESETS
+
+        if cfg.stage != "ul":
+            raise ConfigError(f"eval.fvd_preset = {cfg.eval.fvd_preset}: rFVD is a stage-1 evaluation (reconstructions); "
+                              "stage 2 evaluates bits. Score its generated clips with `ulvideo fvd calc`")
+        if cfg.eval.fvd_preset not in PRESETS:
+            raise ConfigError(f"eval.fvd_preset = {cfg.eval.fvd_preset!r} is not an FVD preset (known: {', '.join(PRESETS)})")
     if cfg.stage == "base":
         from ulvideo.exports import load_export
 
