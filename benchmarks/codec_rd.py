@@ -35,7 +35,7 @@ One clip, one CRF (`rd_point`):
   they carry nothing a decoder uses and on a 64x64x17 clip would add about 0.08 bits per pixel.
   `keep_sei=True` keeps them. Bits per pixel = bits / (T * H * W).
 * Distortion: the counted packets are decoded with FFmpeg's h264 / hevc decoder, converted back to
-  RGB, and compared with the input by `ulvideo.metrics.psnr` and `ulvideo.metrics.ssim` (uint8,
+  RGB, and compared with the input by `ulvideo.eval.metrics.psnr` and `ulvideo.eval.metrics.ssim` (uint8,
   data range 255, PSNR from the MSE over the whole clip).
 
 `crf_sweep` averages bits per pixel, PSNR and SSIM over clips with equal weight per clip and
@@ -208,7 +208,7 @@ def rd_point(frames, codec: str, crf: float | None, **kw) -> dict:
     """Bits, bits per pixel, PSNR and SSIM of one clip at one setting."""
     import torch
 
-    from ulvideo.metrics import psnr, ssim
+    from ulvideo.eval.metrics import psnr, ssim
 
     enc = encode(frames, codec, crf, **kw)
     rec = decode(enc)
@@ -245,7 +245,7 @@ def crf_sweep(clips, codec: str, crfs, *, preset: str = "medium", pix_fmt: str =
     if pix_fmt != "rgb24":
         import torch
 
-        from ulvideo.metrics import psnr
+        from ulvideo.eval.metrics import psnr
 
         ceiling = float(np.mean([float(psnr(torch.from_numpy(c[None]), torch.from_numpy(
             format_roundtrip(c, pix_fmt)[None]))[0]) for c in clips]))

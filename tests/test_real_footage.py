@@ -288,7 +288,7 @@ def test_psnr_rises_as_crf_falls(clip, codec):
 def test_lossless_x264_returns_every_pixel(clip):
     enc = cr.encode(clip, "libx264rgb", None, qp=0, pix_fmt="rgb24")
     np.testing.assert_array_equal(cr.decode(enc), clip)
-    from ulvideo.metrics import PSNR_CAP_DB
+    from ulvideo.eval.metrics import PSNR_CAP_DB
 
     assert cr.rd_point(clip, "libx264rgb", None, qp=0, pix_fmt="rgb24")["psnr"] == PSNR_CAP_DB
 
