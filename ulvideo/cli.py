@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--out", default=None, help="write the result as JSON here too")
     fc.set_defaults(run=_lazy("eval.fvd", "main_calc"))
 
-    da = sub.add_parser("data", help="datasets: synthesize the built-in shapes data, scan a folder")
+    da = sub.add_parser("data", help="datasets: synthesize the shapes data, scan a folder, pack shards")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     ds = dsub.add_parser("synth", help="write the built-in moving-shapes dataset (mp4 + captions)")
     ds.add_argument("--out", required=True)
@@ -135,11 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--fps", type=int, default=8)
     ds.set_defaults(run=cmd_synth)
-    dc = dsub.add_parser("scan", help="report usable and skipped files of a dataset folder")
+    dc = dsub.add_parser("scan", help="probe a dataset folder once: a manifest with metadata, or a JSON report",
+                         description="Probe every file (in parallel) and write a manifest whose rows carry "
+                         "num_frames/fps/size, so training never probes at start-up (.parquet, .csv or .jsonl), "
+                         "or a JSON report (.json). An interrupted scan continues where it stopped.")
     dc.add_argument("dir")
-    dc.add_argument("--out", default=None, help="JSON report path (default: DIR/scan.json)")
+    dc.add_argument("--out", default=None, help="manifest (.parquet/.csv/.jsonl) or JSON report (.json); "
+                    "default: DIR/scan.json")
     dc.add_argument("--backend", default="auto")
+    dc.add_argument("--threads", type=int, default=8, help="files probed at once")
     dc.set_defaults(run=cmd_scan)
+    dp = dsub.add_parser("pack", help="write WebDataset tar shards (video bytes + caption + metadata json)")
+    dp.add_argument("src", help="a dataset folder or a manifest (.parquet/.csv/.jsonl)")
+    dp.add_argument("--out", required=True, help="an empty folder for shard-NNNNNN.tar and index.json")
+    dp.add_argument("--size", default="1GB", help="largest shard (e.g. 1GB, 256MB, 512MiB)")
+    dp.add_argument("--seed", type=int, default=0, help="seeds the sample order (shards are read in order)")
+    dp.set_defaults(run=_lazy("data.pack", "main"))
     return p
 
 
@@ -320,12 +331,24 @@ def cmd_synth(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    """`ulvideo data scan DIR`: the usable and the skipped files, written as JSON."""
-    from ulvideo.data.scan import scan, write_report
+    """`ulvideo data scan DIR [--out M.parquet | R.json]`: the usable and the skipped files."""
+    from ulvideo.data.manifest import FORMATS
+    from ulvideo.data.scan import scan, write_report, write_scan_manifest
 
-    report = scan(args.dir, backend=args.backend)
-    out = write_report(report, Path(args.out) if args.out else Path(args.dir) / "scan.json")
+    out = Path(args.out) if args.out else Path(args.dir) / "scan.json"
+    suffix = out.suffix.lower()
+    if suffix != ".json" and suffix not in FORMATS:
+        print(f"ulvideo data scan: --out {out}: use .parquet, .csv or .jsonl (a manifest) or .json (a report)",
+              file=sys.stderr)
+        return 2
+    try:
+        report = scan(args.dir, backend=args.backend, threads=args.threads, out=out)
+    except FileNotFoundError as e:
+        print(f"ulvideo data scan: {e}", file=sys.stderr)
+        return 2
     s = report["summary"]
+    if report["resumed"]:
+        print(f"continued an interrupted scan: {report['resumed']} files were already checked")
     print(f"{report['dir']}: {s['usable_videos']} videos ({s['total_duration_s']:.1f} s, {s['total_frames']} frames), "
           f"{s['usable_images']} images usable")
     if s["resolutions"]:
@@ -334,10 +357,11 @@ def cmd_scan(args) -> int:
         print("  fps:   " + ", ".join(f"{k} ({n})" for k, n in list(s["fps"].items())[:8]))
     for item in report["skipped"]:
         print(f"  skipped {item['path']}: {item['reason']}" + (f" ({item['detail']})" if item["detail"] else ""))
-    print(f"report: {out}")
     if not (s["usable_videos"] or s["usable_images"]):
         print("no usable files", file=sys.stderr)
         return 1
+    written = write_report(report, out) if suffix == ".json" else write_scan_manifest(report, out)
+    print(f"{'report' if suffix == '.json' else 'manifest'}: {written}")
     return 0
 
 
