@@ -66,13 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", help="one video or image file")
     src.add_argument("--data", help="a dataset folder: writes latent shards for stage 2")
     e.add_argument("--out", required=True, help="z.safetensors for --input, a shard directory for --data")
-    e.add_argument("--num-frames", type=int, default=None)
+    e.add_argument("--num-frames", type=int, default=None,
+                   help="frames to encode (1 + 4k); default: --input, the whole file; --data, the config's clip length")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--shard-size", type=int, default=256)
     e.add_argument("--text-encoder", default=None, help="cache text embeddings with this encoder (default: the config's)")
     e.add_argument("--chunk", type=int, default=None,
-                   help="stream in time: pixel frames per chunk after the first (a multiple of 4); equal to one pass, "
-                        "memory flat in clip length")
+                   help="stream in time: pixel frames per chunk after the first (a multiple of 4; --input streams "
+                        "16 by default); equal to one pass, memory flat in clip length")
     e.add_argument("--tile", type=int, default=None,
                    help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
     e.set_defaults(run=cmd_encode)
@@ -165,10 +166,7 @@ def _tiling(args):
 
 
 def cmd_encode(args) -> int:
-    import torch
-
     from ulvideo.exports import ExportError, load_stage1
-    from ulvideo.generate import read_input
 
     try:
         model = load_stage1(args.export)
@@ -179,20 +177,9 @@ def cmd_encode(args) -> int:
         from ulvideo.data.encode import encode_dataset
 
         return encode_dataset(model, args)
-    from safetensors.torch import save_file
+    from ulvideo.data.encode import encode_file
 
-    x = read_input(args.input, args.num_frames, model.cfg)
-    with torch.no_grad():
-        if args.chunk or args.tile:
-            from ulvideo import streaming
-
-            z = streaming.encode(model, x, args.chunk, tiling=_tiling(args))[0]
-        else:
-            z = model.encode(x)[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"z_clean": z.contiguous()}, args.out, metadata={"source": str(args.input), "num_frames": str(x.shape[2])})
-    print(f"z_clean {tuple(z.shape)} -> {args.out}")
-    return 0
+    return encode_file(model, args, _tiling(args))
 
 
 def cmd_decode(args) -> int:
@@ -208,6 +195,10 @@ def cmd_decode(args) -> int:
     except (ExportError, ValueError) as e:
         print(f"ulvideo decode: {e}", file=sys.stderr)
         return 2
+    from safetensors import safe_open
+
+    with safe_open(args.input, "pt") as f:
+        meta = f.metadata() or {}
     z = load_file(args.input)["z_clean"]
     if z.ndim == 4:
         z = z[None]
@@ -227,10 +218,11 @@ def cmd_decode(args) -> int:
         z0 = model.noisy_latent(z, g, args.latent_noise)
         clip = model.decode(z0, steps=args.steps, sampler=args.sampler, generator=g)
     video = to_uint8(clip)[0]
-    write_video(args.out, video)
+    fps = float(meta.get("fps") or 0) or 8.0  # the source's rate, as `encode --input` recorded it
+    write_video(args.out, video, fps=fps)
     if not args.out.endswith(".png"):
         write_png_grid(Path(args.out).with_suffix(".png"), [video])
-    print(json.dumps({"out": args.out, "frames": video.shape[0], "steps": args.steps, "sampler": args.sampler,
+    print(json.dumps({"out": args.out, "frames": video.shape[0], "fps": fps, "steps": args.steps, "sampler": args.sampler,
                       "logsnr_end": model.sample_logsnr_end(), "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk, "tile": args.tile}))
     return 0
 
