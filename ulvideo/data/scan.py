@@ -72,6 +72,8 @@ def scan(root: str, backend: str = "auto", threads: int = 4, out: Path | None = 
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # the line being written when the scan was stopped
     report["resumed"] = len(done)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(journal, "a", encoding="utf-8") if journal is not None else None
     lock = threading.Lock()
     try:
