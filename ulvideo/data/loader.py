@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from ulvideo.data.latents import ShardReader, find_shards
 from ulvideo.data.sampling import TAG_CLIP, ClipSpec, Planner, Request, frame_indices, rng_for
 from ulvideo.data import storage
-from ulvideo.data.sources import Clips, DataError, Entry, SkipLog, collect, heldout_keys, heldout_mask
+from ulvideo.data.sources import (Clips, DataError, Entry, SkipLog, collect, heldout_keys, heldout_mask,
+                                  release_memory)
 from ulvideo.videoio import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, read_frames, read_image, to_float
 
 log = logging.getLogger("ulvideo.data")
@@ -295,6 +296,7 @@ def build_loader(data_cfg, *, micro_batch_size: int, seed: int, rank: int = 0, w
             parts.append(collect(d.image_path or d.path, kind="image", manifest=d.manifest,
                                  missing_caption=d.missing_caption, skips=skips))
         entries = Clips.concat(parts)
+        del parts  # the entries before the split must not outlive it (release_memory below)
         found = len(entries)
         held = heldout_mask(heldout_keys(entries.paths), d.heldout_fraction) if d.heldout_fraction > 0 \
             else np.zeros(found, bool)
@@ -324,8 +326,10 @@ def build_loader(data_cfg, *, micro_batch_size: int, seed: int, rank: int = 0, w
         raise DataError(f"data.path '{d.path}': no batches for rank {rank} of {world_size}")
     log.info("data: %d %s clips (%s), %d batches per epoch on this rank; skipped: %s", len(entries), split,
              kind, planner.batches_per_epoch(), skips.summary())
-    return ClipLoader(dataset, planner, kind=kind, num_workers=d.num_workers, skips=skips,
-                      num_entries=len(entries), fingerprint=_fingerprint(entries), split=split)
+    loader = ClipLoader(dataset, planner, kind=kind, num_workers=d.num_workers, skips=skips,
+                        num_entries=len(entries), fingerprint=_fingerprint(entries), split=split)
+    release_memory()  # last: the temporaries of reading, splitting and planning are all freed by now
+    return loader
 
 
 def _fingerprint(entries) -> str:

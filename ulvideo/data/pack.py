@@ -109,7 +109,8 @@ def pack(src: str, out: str, size: int, seed: int = 0, progress=None) -> dict:
         meta = {"source": e.source, "fps": e.fps, "width": e.width, "height": e.height, "rotation": e.rotation,
                 "label": e.label}
         if e.kind == "video" and e.segment:  # the segment's frames, as training from the manifest uses them
-            s, t = float(clips.seg_start[i]), float(clips.seg_end[i])
+            s = np.nan if clips.seg_start is None else float(clips.seg_start[i])
+            t = np.nan if clips.seg_end is None else float(clips.seg_end[i])
             meta.update({"first": e.first, "count": e.count, "start": None if np.isnan(s) else s,
                          "end": None if np.isnan(t) else t})
         else:
