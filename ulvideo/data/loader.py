@@ -207,6 +207,8 @@ class ClipLoader:
 
     def load_state_dict(self, state: dict) -> None:
         p = self.planner
+        if state.get("kind") == "webdataset":
+            raise DataError("data: the checkpoint's data position is a WebDataset position (data.kind changed)")
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if state.get("fingerprint") != self.fingerprint or state.get("seed") != p.seed:
             warnings.warn("data: the dataset or seed differs from the checkpoint's; resuming at the same "
