@@ -187,3 +187,25 @@ def test_pack_cli(tmp_path, shards):
     assert index["samples"] == N and len(index["shards"]) == 1
     assert main(["data", "pack", str(shards.parent / "src"), "--out", str(tmp_path / "p")]) == 2  # not empty
     assert main(["data", "pack", str(shards.parent / "src"), "--out", str(tmp_path / "q"), "--size", "lots"]) == 2
+
+
+def test_training_from_shards_resumes_exactly(tmp_path):
+    """`ulvideo train` on shards with a loader worker: 4 steps equal 2, resume, 2 (weights, data position)."""
+    import test_resume as R
+    from safetensors.torch import load_file
+
+    data = R.synth(tmp_path / "shapes")
+    pack(str(data), str(tmp_path / "wds"), 1)  # one clip per shard
+    common = ["--data.kind=webdataset", "--data.num_workers=1", "--train.ckpt_every=100", "--train.ema_decay=0.5",
+              "--train.zero_stage=0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    R.train(straight, tmp_path / "wds", "--train.steps=4", *common)
+    R.train(split, tmp_path / "wds", "--train.steps=2", *common)
+    state = R.state_json(split / "checkpoints" / "step_00000002")["data"]
+    assert state["kind"] == "webdataset" and state["workers"][0] == {**state["workers"][0], "epoch": 0, "shard": 7, "sample": 1}  # 8 clips read
+    second = R.train(split, tmp_path / "wds", "--train.steps=4", *common)
+    assert "(step 2)" in second.stderr
+    a, b = (R.state_json(r / "checkpoints" / "step_00000004") for r in (straight, split))
+    assert a == b
+    ea, eb = (load_file(str(r / "exports" / "latest.safetensors")) for r in (straight, split))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)

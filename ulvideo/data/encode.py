@@ -174,8 +174,11 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "encoding.json", {**info, "complete": False})
-    total = loader.num_entries
-    if done:
+    total = loader.num_entries  # None for WebDataset shards without index.json
+    skip = 0
+    if done and loader.kind == "webdataset":
+        skip = done * size // step  # a shard stream is read past what is done (decoded, not encoded)
+    elif done:
         loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batch": done * size // step})
     shard, count = done, done * size
     buf: dict[str, list] = {k: [] for k in ("z", "captions", "labels", "sources", "frames", "emb", "mask")}
@@ -208,6 +211,9 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
     bar = tqdm(total=total, initial=count, desc="encode", unit="clip")
     with torch.no_grad():
         for batch in loader:
+            if skip:
+                skip -= 1
+                continue
             pending.append(batch)
             n = len(batch["caption"])
             count += n
@@ -217,6 +223,10 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
                 encode_pending()
             if count % size == 0 or count == total:
                 flush()
+        if pending:
+            encode_pending()
+        if buf["captions"]:  # the last, partial shard (when the clip count was not known up front)
+            flush()
     bar.close()
     _write_json(out / "encoding.json", {**info, "clips": count, "shards": shard, "skipped": loader.skip_counts(),
                                         "complete": True})
