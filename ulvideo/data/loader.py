@@ -248,7 +248,7 @@ def resolve_kind(d) -> str:
         return "image"
     if any(p.suffix == ".tar" for p in files):
         return "webdataset"
-    raise DataError(f"data.path '{d.path}': no videos, images, WebDataset shards or latent shards found")
+    raise DataError(f"data.path '{d.path}': no videos, images or latent shards found (nor WebDataset .tar shards)")
 
 
 def _no_clips(d, kind: str, split: str, found: int, skips: SkipLog) -> DataError:
