@@ -202,7 +202,8 @@ def test_training_from_shards_resumes_exactly(tmp_path):
     R.train(straight, tmp_path / "wds", "--train.steps=4", *common)
     R.train(split, tmp_path / "wds", "--train.steps=2", *common)
     state = R.state_json(split / "checkpoints" / "step_00000002")["data"]
-    assert state["kind"] == "webdataset" and state["workers"][0] == {**state["workers"][0], "epoch": 0, "shard": 7, "sample": 1}  # 8 clips read
+    pos = state["workers"][0]
+    assert state["kind"] == "webdataset" and (pos["epoch"], pos["shard"], pos["sample"]) == (0, 7, 1)  # 8 clips read
     second = R.train(split, tmp_path / "wds", "--train.steps=4", *common)
     assert "(step 2)" in second.stderr
     a, b = (R.state_json(r / "checkpoints" / "step_00000004") for r in (straight, split))

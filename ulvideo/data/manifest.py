@@ -61,7 +61,15 @@ def _read_jsonl(data: bytes) -> tuple[pa.Table, int]:
             else:
                 bad += 1
         names = sorted({k for r in rows for k in r if any(k in a for a in ALIASES.values())})
-        return pa.table({k: [r.get(k) for r in rows] for k in names}) if rows else pa.table({}), bad
+        return pa.table({k: _mixed([r.get(k) for r in rows]) for k in names}) if rows else pa.table({}), bad
+
+
+def _mixed(values: list) -> pa.Array:
+    """A JSON column, as strings where its values mix types (`_as_type` then converts or rejects them)."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
 def read_table(path: str) -> tuple[pa.Table, int]:

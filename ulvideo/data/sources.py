@@ -314,7 +314,8 @@ def collect(root: str, *, kind: str, manifest: str = "", missing_caption: str = 
             skips.add_many("bad manifest row", [f"{manifest}: row"] * n, ["no 'path'"] * n)
             table = table.filter(good)
         pattern = "(" + "|".join(e.replace(".", "\\.") for e in exts) + ")$"
-        table = table.filter(pc.match_substring_regex(pc.utf8_lower(table["path"]), pattern))  # rows of the other media kind belong to the other source of kind "mixed"
+        # rows of the other media kind belong to the other source of kind "mixed"
+        table = table.filter(pc.match_substring_regex(pc.utf8_lower(table["path"]), pattern))
     else:
         root = os.path.abspath(root)
         table, base = _table_from_folder(root, exts, skips), root
