@@ -93,13 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", help="one video or image file")
     src.add_argument("--data", help="a dataset folder: writes latent shards for stage 2")
     e.add_argument("--out", required=True, help="z.safetensors for --input, a shard directory for --data")
-    e.add_argument("--num-frames", type=int, default=None, help="pixel frames per clip (1 + 4k); default: the export's training clip length")
+    e.add_argument("--num-frames", type=int, default=None,
+                   help="frames to encode (1 + 4k); default: --input, the whole file; --data, the config's clip length")
     e.add_argument("--batch-size", type=int, default=8, help="clips encoded per forward pass (--data)")
     e.add_argument("--shard-size", type=int, default=256, help="latent clips per shard file (--data)")
     e.add_argument("--text-encoder", default=None, help="cache text embeddings with this encoder (default: the config's)")
     e.add_argument("--chunk", type=int, default=None,
-                   help="stream in time: pixel frames per chunk after the first (a multiple of 4); equal to one pass, "
-                        "memory flat in clip length")
+                   help="stream in time: pixel frames per chunk after the first (a multiple of 4; --input streams "
+                        "16 by default); equal to one pass, memory flat in clip length")
     e.add_argument("--tile", type=int, default=None,
                    help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
     e.set_defaults(run=cmd_encode)
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--out", default=None, help="write the result as JSON here too")
     fc.set_defaults(run=_lazy("eval.fvd", "main_calc"))
 
-    da = sub.add_parser("data", help="datasets: synthesize the built-in shapes data, scan a folder")
+    da = sub.add_parser("data", help="datasets: synthesize the shapes data, scan a folder, pack shards")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     # the defaults make the data configs/ul/tiny.yaml trains on (9 frames at 32x32; 5 % held out)
     ds = dsub.add_parser("synth", help="write the built-in moving-shapes dataset (mp4 + captions)")
@@ -166,11 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0, help="seed of the clips' shapes, colours and motions")
     ds.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4 files")
     ds.set_defaults(run=cmd_synth)
-    dc = dsub.add_parser("scan", help="report usable and skipped files of a dataset folder")
+    dc = dsub.add_parser("scan", help="probe a dataset folder once: a manifest with metadata, or a JSON report",
+                         description="Probe every file (in parallel) and write a manifest whose rows carry "
+                         "num_frames/fps/size, so training never probes at start-up (.parquet, .csv or .jsonl), "
+                         "or a JSON report (.json). An interrupted scan continues where it stopped.")
     dc.add_argument("dir", help="the dataset folder (searched recursively)")
-    dc.add_argument("--out", default=None, help="JSON report path (default: DIR/scan.json)")
+    dc.add_argument("--out", default=None, help="manifest (.parquet/.csv/.jsonl) or JSON report (.json); "
+                    "default: DIR/scan.json")
     dc.add_argument("--backend", default="auto", help="video decoder: auto, decord, pyav or torchcodec")
+    dc.add_argument("--threads", type=int, default=8, help="files probed at once")
     dc.set_defaults(run=cmd_scan)
+    dp = dsub.add_parser("pack", help="write WebDataset tar shards (video bytes + caption + metadata json)")
+    dp.add_argument("src", help="a dataset folder or a manifest (.parquet/.csv/.jsonl)")
+    dp.add_argument("--out", required=True, help="an empty folder for shard-NNNNNN.tar and index.json")
+    dp.add_argument("--size", default="1GB", help="largest shard (e.g. 1GB, 256MB, 512MiB)")
+    dp.add_argument("--seed", type=int, default=0, help="seeds the sample order (shards are read in order)")
+    dp.set_defaults(run=_lazy("data.pack", "main"))
     return p
 
 
@@ -185,10 +197,7 @@ def _tiling(args):
 
 
 def cmd_encode(args) -> int:
-    import torch
-
     from ulvideo.exports import ExportError, load_stage1
-    from ulvideo.generate import read_input
 
     try:
         model = load_stage1(args.export)
@@ -199,20 +208,9 @@ def cmd_encode(args) -> int:
         from ulvideo.data.encode import encode_dataset
 
         return encode_dataset(model, args)
-    from safetensors.torch import save_file
+    from ulvideo.data.encode import encode_file
 
-    x = read_input(args.input, args.num_frames, model.cfg)
-    with torch.no_grad():
-        if args.chunk or args.tile:
-            from ulvideo import streaming
-
-            z = streaming.encode(model, x, args.chunk, tiling=_tiling(args))[0]
-        else:
-            z = model.encode(x)[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"z_clean": z.contiguous()}, args.out, metadata={"source": str(args.input), "num_frames": str(x.shape[2])})
-    print(f"z_clean {tuple(z.shape)} -> {args.out}")
-    return 0
+    return encode_file(model, args, _tiling(args))
 
 
 def cmd_decode(args) -> int:
@@ -231,6 +229,10 @@ def cmd_decode(args) -> int:
     except (ExportError, ValueError) as e:
         print(f"ulvideo decode: {e}", file=sys.stderr)
         return 2
+    from safetensors import safe_open
+
+    with safe_open(args.input, "pt") as f:
+        meta = f.metadata() or {}
     z = load_file(args.input)["z_clean"]
     if z.ndim == 4:
         z = z[None]
@@ -246,10 +248,11 @@ def cmd_decode(args) -> int:
         print(f"ulvideo decode: {e}", file=sys.stderr)
         return 2
     video = to_uint8(clip)[0]
-    write_video(args.out, video)
+    fps = float(meta.get("fps") or 0) or 8.0  # the source's rate, as `encode --input` recorded it
+    write_video(args.out, video, fps=fps)
     if not args.out.endswith(".png"):
         write_png_grid(Path(args.out).with_suffix(".png"), [video])
-    print(json.dumps({"out": args.out, "frames": video.shape[0], "steps": args.steps, "sampler": args.sampler,
+    print(json.dumps({"out": args.out, "frames": video.shape[0], "fps": fps, "steps": args.steps, "sampler": args.sampler,
                       "logsnr_end": end, "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk,
                       "tile": args.tile}))
     return 0
@@ -372,12 +375,24 @@ def cmd_synth(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    """`ulvideo data scan DIR`: the usable and the skipped files, written as JSON."""
-    from ulvideo.data.scan import scan, write_report
+    """`ulvideo data scan DIR [--out M.parquet | R.json]`: the usable and the skipped files."""
+    from ulvideo.data.manifest import FORMATS
+    from ulvideo.data.scan import scan, write_report, write_scan_manifest
 
-    report = scan(args.dir, backend=args.backend)
-    out = write_report(report, Path(args.out) if args.out else Path(args.dir) / "scan.json")
+    out = Path(args.out) if args.out else Path(args.dir) / "scan.json"
+    suffix = out.suffix.lower()
+    if suffix != ".json" and suffix not in FORMATS:
+        print(f"ulvideo data scan: --out {out}: use .parquet, .csv or .jsonl (a manifest) or .json (a report)",
+              file=sys.stderr)
+        return 2
+    try:
+        report = scan(args.dir, backend=args.backend, threads=args.threads, out=out)
+    except FileNotFoundError as e:
+        print(f"ulvideo data scan: {e}", file=sys.stderr)
+        return 2
     s = report["summary"]
+    if report["resumed"]:
+        print(f"continued an interrupted scan: {report['resumed']} files were already checked")
     print(f"{report['dir']}: {s['usable_videos']} videos ({s['total_duration_s']:.1f} s, {s['total_frames']} frames), "
           f"{s['usable_images']} images usable")
     if s["resolutions"]:
@@ -386,10 +401,11 @@ def cmd_scan(args) -> int:
         print("  fps:   " + ", ".join(f"{k} ({n})" for k, n in list(s["fps"].items())[:8]))
     for item in report["skipped"]:
         print(f"  skipped {item['path']}: {item['reason']}" + (f" ({item['detail']})" if item["detail"] else ""))
-    print(f"report: {out}")
     if not (s["usable_videos"] or s["usable_images"]):
         print("no usable files", file=sys.stderr)
         return 1
+    written = write_report(report, out) if suffix == ".json" else write_scan_manifest(report, out)
+    print(f"{'report' if suffix == '.json' else 'manifest'}: {written}")
     return 0
 
 

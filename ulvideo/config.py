@@ -133,12 +133,16 @@ class BaseConfig:
 class DataConfig:
     """Training clips (ulvideo/data/)."""
 
-    path: str = "data/shapes"  # a folder of videos (recursive) or images, or latent shards
+    # a folder of videos (recursive) or images, latent shards, or WebDataset shards (a folder, a text
+    # file listing them, a brace pattern); local or a URL (s3://, gs://, https://: docs/data.md)
+    path: str = "data/shapes"
     # what data.path holds; auto: latent shards if it has them, else videos, else images
-    kind: Literal["auto", "video", "image", "mixed", "latents"] = "auto"
+    kind: Literal["auto", "video", "image", "mixed", "latents", "webdataset"] = "auto"
     image_path: str = ""  # images for kind = mixed
     image_ratio: float = 0.0  # fraction of image (T = 1) batches for kind = mixed
-    manifest: str = ""  # CSV or JSONL: path, caption, optional start/end seconds, label
+    # CSV, JSONL or Parquet: path, text, num_frames, fps, height, width, start, end, label (docs/data.md);
+    # rows with num_frames and fps are not probed at start-up (`ulvideo data scan --out M.parquet` writes one)
+    manifest: str = ""
     num_frames: int = 17  # clip length, 1 + 4k frames (images are 1-frame clips)
     frame_stride: int = 1  # take every n-th frame of the video
     target_fps: float = 0.0  # > 0 picks frames at this rate instead of frame_stride
@@ -156,7 +160,9 @@ class DataConfig:
     # decoded frames kept per loading process (LRU, MiB; 0 = off): a small dataset is decoded in
     # its first epoch only (loader workers live for the whole run)
     decoded_cache_mb: float = 0.0
-    heldout_fraction: float = 0.0  # files held out for evaluation (by a hash of the path)
+    # files (shards for kind webdataset) held out for evaluation by a hash of the path; at least one
+    # when > 0 and there are two or more
+    heldout_fraction: float = 0.0
 
 
 @dataclass

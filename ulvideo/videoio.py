@@ -7,7 +7,8 @@ two; every other module calls them.
 
 Reading decodes only what a clip needs: `read_frames(path, indices)` asks decord for exactly those
 frames (random access), or seeks PyAV to the keyframe before the first one and decodes forward
-to the last, or asks torchcodec for them. Frame `i` is the i-th frame in presentation order in
+to the last, or asks torchcodec for them. A file may also be given as its bytes (a WebDataset member,
+an object fetched from storage): PyAV then reads it from memory. Frame `i` is the i-th frame in presentation order in
 every backend, so all backends return the same frames (up to the colour conversion's rounding).
 
     info = probe("clip.mp4")                       # VideoInfo(num_frames=250, fps=25.0, ...)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.util
+import io
 import os
 import threading
 from collections import OrderedDict
@@ -89,7 +91,16 @@ class VideoInfo:
     vfr: bool | None = None  # variable frame rate (known only when exact)
 
 
-def _check_file(path: str) -> None:
+def _source(path) -> str | bytes:
+    """A path as str; an in-memory file (a WebDataset member, an object fetched from storage) as bytes."""
+    return bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else str(path)
+
+
+def _check_file(path) -> None:
+    if isinstance(path, bytes):
+        if not path:
+            raise VideoError("empty file", "zero bytes")
+        return
     if os.path.isdir(path):
         raise VideoError("directory", "a directory named like a media file")
     if not os.path.exists(path):
@@ -103,7 +114,7 @@ def _open_av(path: str):
 
     _check_file(path)
     try:
-        container = av.open(path)
+        container = av.open(io.BytesIO(path) if isinstance(path, bytes) else path)
     except Exception as e:  # av raises many error classes; all mean "not a readable container"
         raise VideoError("not a video", f"{type(e).__name__}: {e}") from None
     if not container.streams.video:
@@ -128,6 +139,10 @@ def _rotate(frames: np.ndarray, rotation: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _pts_index(path: str, size: int, mtime: float) -> tuple[int, ...] | None:
+    return _scan_pts(path)
+
+
+def _scan_pts(path) -> tuple[int, ...] | None:
     """Sorted presentation timestamps of every video packet (demuxed, not decoded).
 
     Frame i is the frame with the i-th smallest pts: the same indexing decord uses. None when
@@ -149,20 +164,22 @@ def _pts_index(path: str, size: int, mtime: float) -> tuple[int, ...] | None:
     return tuple(sorted(pts))
 
 
-def pts_index(path: str | os.PathLike) -> tuple[int, ...] | None:
-    path = str(path)
+def pts_index(path: str | os.PathLike | bytes) -> tuple[int, ...] | None:
+    path = _source(path)
+    if isinstance(path, bytes):
+        return _scan_pts(path)
     st = os.stat(path)
     return _pts_index(path, st.st_size, st.st_mtime)
 
 
-def probe(path: str | os.PathLike, exact: bool = False) -> VideoInfo:
+def probe(path: str | os.PathLike | bytes, exact: bool = False) -> VideoInfo:
     """Metadata of a video, checked by decoding its first frame.
 
     exact=True counts frames from the packet timestamps (reads the whole file, no decoding) and
     detects a variable frame rate; otherwise the count comes from the header, or from duration
     times rate when the header has none (webm, mkv).
     """
-    path = str(path)
+    path = _source(path)
     container, stream = _open_av(path)
     stream.codec_context.thread_count = 1  # one frame: decoder threads would only add start-up time
     try:
@@ -346,7 +363,7 @@ _READERS = {"decord": _read_decord, "pyav": _read_pyav}
 _DECORD_FAILED: set[tuple[int, str]] = set()
 
 
-def read_frames(path: str | os.PathLike, indices, backend: str = "auto", *, rotation: int | None = None,
+def read_frames(path: str | os.PathLike | bytes, indices, backend: str = "auto", *, rotation: int | None = None,
                 threads: int = 0) -> np.ndarray:
     """Decode exactly the frames `indices` (any order, repeats allowed): uint8 `(N, H, W, 3)`.
 
@@ -354,7 +371,7 @@ def read_frames(path: str | os.PathLike, indices, backend: str = "auto", *, rota
     decord fails on (remembered per process), which go to PyAV. `rotation` (from `probe`)
     saves a second probe.
     """
-    path = str(path)
+    path = _source(path)
     _check_file(path)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0 or idx.min() < 0:
@@ -362,14 +379,16 @@ def read_frames(path: str | os.PathLike, indices, backend: str = "auto", *, rota
     unique, inverse = np.unique(idx, return_inverse=True)
     if rotation is None:
         rotation = probe(path).rotation
-    if backend == "auto":
+    if isinstance(path, bytes) and backend in ("auto", "decord"):
+        order = ["pyav"]  # an in-memory file: PyAV reads it from a buffer
+    elif backend == "auto":
         order = (["decord"] if rotation == 0 and importlib.util.find_spec("decord") else []) + ["pyav"]
     elif backend in BACKENDS:
         order = [backend]
     else:
         raise ValueError(f"unknown backend {backend!r} (choose auto, {', '.join(BACKENDS)})")
     error: Exception | None = None
-    key = (os.getpid(), path)
+    key = (os.getpid(), path if isinstance(path, str) else "")
     if len(order) > 1 and key in _DECORD_FAILED:
         order = order[1:]
     for name in order:
@@ -404,14 +423,14 @@ def read_clip(path: str | os.PathLike, start: int = 0, num_frames: int | None = 
     return read_frames(path, idx, backend, rotation=info.rotation)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike | bytes) -> np.ndarray:
     """uint8 `(1, H, W, 3)`: an image as a 1-frame clip, EXIF orientation applied."""
     from PIL import Image, ImageOps
 
-    path = str(path)
+    path = _source(path)
     _check_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             im = ImageOps.exif_transpose(im)
             return np.array(im.convert("RGB"))[None]  # a copy: PIL's buffer is read-only
     except Exception as e:

@@ -32,8 +32,11 @@ def _atomic_save(tensors: dict, path: Path) -> None:
 
 
 def write_latent_shard(path_prefix, z_clean: torch.Tensor, captions: list[str], labels: list[int],
-                       sources: list[str], num_frames: list[int], text: dict | None = None) -> Path:
-    """Write one shard of N latents (see the module docstring); returns the JSON path."""
+                       sources: list[str], num_frames: list[int], text: dict | None = None,
+                       before_json=None) -> Path:
+    """Write one shard of N latents (see the module docstring); returns the JSON path. Every file
+    is written to a hidden temporary name and renamed; the JSON, which completes the shard, last
+    (`before_json()` runs just before it: a crash-test hook)."""
     prefix = Path(path_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     n = z_clean.shape[0]
@@ -54,6 +57,8 @@ def write_latent_shard(path_prefix, z_clean: torch.Tensor, captions: list[str], 
             "captions": [str(c) for c in captions], "labels": [int(v) for v in labels],
             "sources": [str(s) for s in sources], "num_frames": [int(v) for v in num_frames],
             "text": text is not None}
+    if before_json is not None:
+        before_json()
     out = Path(f"{prefix}.json")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(meta))

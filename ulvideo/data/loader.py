@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from ulvideo.data.latents import ShardReader, find_shards
 from ulvideo.data.sampling import TAG_CLIP, ClipSpec, Planner, Request, frame_indices, rng_for
-from ulvideo.data.sources import DataError, Entry, SkipLog, collect, fingerprint, heldout_key
+from ulvideo.data import storage
+from ulvideo.data.sources import (Clips, DataError, Entry, SkipLog, collect, heldout_keys, heldout_mask,
+                                  release_memory)
 from ulvideo.videoio import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, read_frames, read_image, to_float
 
 log = logging.getLogger("ulvideo.data")
@@ -84,7 +86,7 @@ class DecodedCache:
 class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by `Request`s: what a worker runs for one sample."""
 
-    def __init__(self, entries: list[Entry], planner: Planner, spec: ClipSpec, *, height: int, width: int,
+    def __init__(self, entries: Clips, planner: Planner, spec: ClipSpec, *, height: int, width: int,
                  resolution: int, crop: str, hflip: bool, temporal_offset: str, backend: str, seed: int,
                  threads: int = 0, cache_mb: float = 0.0):
         self.entries, self.planner, self.spec = entries, planner, spec
@@ -97,7 +99,8 @@ class ClipDataset(torch.utils.data.Dataset):
         key = (e.path, e.rotation, idx.tobytes())
         frames = self.cache.get(key)
         if frames is None:
-            frames = read_frames(e.path, idx, self.backend, rotation=e.rotation, threads=self.threads)
+            src = storage.read_bytes(e.path) if storage.is_url(e.path) else e.path  # object storage: fetch, decode in memory
+            frames = read_frames(src, idx, self.backend, rotation=e.rotation, threads=self.threads)
             self.cache.put(key, frames)
         return frames
 
@@ -105,7 +108,7 @@ class ClipDataset(torch.utils.data.Dataset):
         u = rng_for(self.seed, TAG_CLIP, req.epoch, req.index, req.slot).random(4)
         train = req.train
         if e.kind == "image":
-            frames = read_image(e.path)
+            frames = read_image(storage.read_bytes(e.path) if storage.is_url(e.path) else e.path)
         else:
             idx = frame_indices(self.spec, e.first, e.count, e.fps, u[0] if train and self.random_offset else None)
             frames = self._read(e, np.asarray(idx, dtype=np.int64))
@@ -204,6 +207,8 @@ class ClipLoader:
 
     def load_state_dict(self, state: dict) -> None:
         p = self.planner
+        if state.get("kind") == "webdataset":
+            raise DataError("data: the checkpoint's data position is a WebDataset position (data.kind changed)")
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if state.get("fingerprint") != self.fingerprint or state.get("seed") != p.seed:
             warnings.warn("data: the dataset or seed differs from the checkpoint's; resuming at the same "
@@ -222,25 +227,45 @@ def _spec(d) -> ClipSpec:
 
 
 def resolve_kind(d) -> str:
+    """`data.kind`, with "auto" resolved from what `data.path` holds (a manifest means videos)."""
     if d.kind != "auto":
         return d.kind
+    if d.manifest:
+        return "video"
+    if storage.is_url(d.path) or "{" in d.path or d.path.endswith((".tar", ".txt", ".shards")) or "::" in d.path:
+        return "webdataset"
     from pathlib import Path
 
-    root = Path(d.path)
+    root = Path(storage.local(d.path))
     if not root.is_dir():
         raise DataError(f"data.path '{d.path}' is not a folder")
     files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
     if any(p.name.endswith(".json") and p.with_suffix(".safetensors").exists() for p in files):
         return "latents"
-    if d.manifest or any(p.suffix.lower() in VIDEO_EXTENSIONS for p in files):
+    if any(p.suffix.lower() in VIDEO_EXTENSIONS for p in files):
         return "video"
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
         return "image"
-    raise DataError(f"data.path '{d.path}': no videos, images or latent shards found")
+    if any(p.suffix == ".tar" for p in files):
+        return "webdataset"
+    raise DataError(f"data.path '{d.path}': no videos, images or latent shards found (nor WebDataset .tar shards)")
+
+
+def _no_clips(d, kind: str, split: str, found: int, skips: SkipLog) -> DataError:
+    if split == "heldout":
+        how = (f"data.heldout_fraction is {d.heldout_fraction}: set it > 0 to hold clips out" if d.heldout_fraction <= 0
+               else f"with {found} usable clip(s) none can be held out; set data.heldout_fraction=0 (evaluation then "
+                    "uses training clips) or add clips")
+        return DataError(f"data.path '{d.path}' (kind {kind}): no held-out clips; {how}")
+    if found:
+        return DataError(f"data.path '{d.path}' (kind {kind}): all {found} usable clips are held out "
+                         f"(data.heldout_fraction {d.heldout_fraction}); lower it or add clips")
+    return DataError(f"data.path '{d.path}' (kind {kind}): no usable clips; skipped: {skips.summary()}. "
+                     f"Run `ulvideo data scan {d.path}` for a per-file report.")
 
 
 def build_loader(data_cfg, *, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 split: str = "train") -> ClipLoader:
+                 split: str = "train"):
     """See the module docstring. Raises DataError when no usable clip is left."""
     d = data_cfg
     if split not in ("train", "heldout"):
@@ -248,34 +273,49 @@ def build_loader(data_cfg, *, micro_batch_size: int, seed: int, rank: int = 0, w
     if d.frame_stride < 1 or d.num_frames < 1 or d.target_fps < 0:
         raise DataError(f"data: num_frames {d.num_frames}, frame_stride {d.frame_stride}, target_fps {d.target_fps}")
     kind, skips, spec = resolve_kind(d), SkipLog(), _spec(d)
+    try:
+        storage.check_url(d.path)
+        storage.check_url(d.manifest)
+    except storage.StorageError as e:
+        raise DataError(str(e)) from None
+    if kind == "webdataset":
+        from ulvideo.data.shards import build_shard_loader
+
+        return build_shard_loader(d, micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size,
+                                  split=split)
     if kind == "latents":
         entries = find_shards(d.path, skips)
+        found = len(entries)
+        held = heldout_mask(heldout_keys([e.rel for e in entries]), d.heldout_fraction) if d.heldout_fraction > 0 \
+            else np.zeros(found, bool)
+        entries = [e for e, h in zip(entries, held) if h == (split == "heldout")]
     else:
-        entries = []
+        parts = []
         if kind in ("video", "mixed"):
-            entries += collect(d.path, kind="video", manifest=d.manifest, missing_caption=d.missing_caption,
-                               span=spec.span, short_video=d.short_video, skips=skips)
+            parts.append(collect(d.path, kind="video", manifest=d.manifest, missing_caption=d.missing_caption,
+                                 span=spec.span, short_video=d.short_video, skips=skips))
         if kind in ("image", "mixed"):
-            entries += collect(d.image_path or d.path, kind="image", manifest=d.manifest,
-                               missing_caption=d.missing_caption, skips=skips)
-    found = len(entries)
-    held = [heldout_key(e.rel) < d.heldout_fraction for e in entries]
-    entries = [e for e, h in zip(entries, held) if h == (split == "heldout")]
-    if not entries:
-        what = "held-out" if split == "heldout" else "usable"
-        raise DataError(
-            f"data.path '{d.path}' (kind {kind}): no {what} clips ({found} usable before the held-out split, "
-            f"heldout_fraction {d.heldout_fraction}); skipped: {skips.summary()}. "
-            f"Run `ulvideo data scan {d.path}` for a per-file report.")
+            parts.append(collect(d.image_path or d.path, kind="image", manifest=d.manifest,
+                                 missing_caption=d.missing_caption, skips=skips))
+        entries = Clips.concat(parts)
+        del parts  # the entries before the split must not outlive it (release_memory below)
+        found = len(entries)
+        held = heldout_mask(heldout_keys(entries.paths), d.heldout_fraction) if d.heldout_fraction > 0 \
+            else np.zeros(found, bool)
+        entries = entries.take(np.flatnonzero(held == (split == "heldout")))
+    if not len(entries):
+        raise _no_clips(d, kind, split, found, skips)
     if kind == "latents":
         keys = sorted({e.shape for e in entries})
         is_image = [s[1] == 1 for s in keys]
-        key_of = [keys.index(e.shape) for e in entries]
+        key_of = np.asarray([keys.index(e.shape) for e in entries])
     else:
-        keys = sorted({(1 if e.kind == "image" else d.num_frames, d.height, d.width) for e in entries})
+        vkey, ikey = (d.num_frames, d.height, d.width), (1, d.height, d.width)
+        keys = sorted({ikey if img else vkey for img in np.unique(entries.is_image).tolist()})
         is_image = [k[0] == 1 for k in keys]
-        key_of = [keys.index((1 if e.kind == "image" else d.num_frames, d.height, d.width)) for e in entries]
-    planner = Planner(np.asarray(key_of), is_image, micro_batch_size=micro_batch_size, seed=seed, rank=rank,
+        key_of = np.where(entries.is_image, keys.index(ikey) if ikey in keys else 0,
+                          keys.index(vkey) if vkey in keys else 0)
+    planner = Planner(key_of, is_image, micro_batch_size=micro_batch_size, seed=seed, rank=rank,
                       world_size=world_size, train=split == "train",
                       image_ratio=d.image_ratio if kind == "mixed" else None)
     if kind == "latents":
@@ -288,13 +328,15 @@ def build_loader(data_cfg, *, micro_batch_size: int, seed: int, rank: int = 0, w
         raise DataError(f"data.path '{d.path}': no batches for rank {rank} of {world_size}")
     log.info("data: %d %s clips (%s), %d batches per epoch on this rank; skipped: %s", len(entries), split,
              kind, planner.batches_per_epoch(), skips.summary())
-    return ClipLoader(dataset, planner, kind=kind, num_workers=d.num_workers, skips=skips,
-                      num_entries=len(entries), fingerprint=_fingerprint(entries), split=split)
+    loader = ClipLoader(dataset, planner, kind=kind, num_workers=d.num_workers, skips=skips,
+                        num_entries=len(entries), fingerprint=_fingerprint(entries), split=split)
+    release_memory()  # last: the temporaries of reading, splitting and planning are all freed by now
+    return loader
 
 
 def _fingerprint(entries) -> str:
-    if entries and isinstance(entries[0], Entry):
-        return fingerprint(entries)
+    if isinstance(entries, Clips):
+        return entries.fingerprint()
     import hashlib
 
     return hashlib.sha256("\n".join(f"{e.shard}:{e.index}" for e in entries).encode()).hexdigest()[:16]

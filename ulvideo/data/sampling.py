@@ -55,8 +55,14 @@ class ClipSpec:
             return np.floor(k * (native_fps / self.target_fps) + 1e-6).astype(np.int64)  # frame on screen at k/fps
         return k * self.stride
 
-    def span(self, native_fps: float) -> int:
-        return int(self.offsets(native_fps)[-1]) + 1
+    def span(self, native_fps):
+        """Frames a clip covers: an int for one rate, an array for an array of rates."""
+        fps = np.asarray(native_fps, dtype=np.float64)
+        last = np.full(fps.shape, (self.num_frames - 1) * self.stride, dtype=np.int64)
+        if self.target_fps > 0:
+            at = fps > 0
+            last[at] = np.floor((self.num_frames - 1) * (fps[at] / self.target_fps) + 1e-6).astype(np.int64)
+        return int(last) + 1 if last.ndim == 0 else last + 1
 
 
 def frame_indices(spec: ClipSpec, first: int, count: int, native_fps: float, u: float | None) -> np.ndarray:
@@ -80,8 +86,9 @@ class Planner:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        self.bucket_of = np.asarray(bucket_of, dtype=np.int64)
-        self.members = [np.flatnonzero(self.bucket_of == b) for b in range(len(is_image_bucket))]
+        self.bucket_of = np.asarray(bucket_of, dtype=np.int16)
+        index = np.int32 if len(self.bucket_of) < 2**31 else np.int64  # 4 bytes per entry
+        self.members = [np.flatnonzero(self.bucket_of == b).astype(index) for b in range(len(is_image_bucket))]
         self.is_image = list(is_image_bucket)
         self.batch_size, self.seed = micro_batch_size, seed
         self.rank, self.world_size, self.train = rank, world_size, train
@@ -107,7 +114,7 @@ class Planner:
             counts[b] = max(0, share)
         return counts
 
-    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+    def _global_batches(self, epoch: int):
         B, W = self.batch_size, self.world_size
         if not self.train:
             batches = []
@@ -116,25 +123,27 @@ class Planner:
             return batches
         counts = self._counts()
         if sum(counts) == 0:
-            return []
+            return np.zeros((0, B), dtype=np.int32)
         while sum(counts) < W:  # every rank needs a batch: draw more from the largest bucket
             counts[int(np.argmax([len(m) for m in self.members]))] += 1
-        batches = []
+        parts = []  # each bucket's batches as rows of a (batches, B) array: no Python object per batch
         for b, (m, nb) in enumerate(zip(self.members, counts)):
-            stream, p = [], 0
-            while sum(len(s) for s in stream) < nb * B:
+            if not nb:
+                continue
+            stream, have, p = [], 0, 0
+            while have < nb * B:
                 stream.append(rng_for(self.seed, TAG_ORDER, epoch, b, p).permutation(m))
-                p += 1
-            ids = np.concatenate(stream) if stream else m[:0]
-            batches += [ids[i * B:(i + 1) * B] for i in range(nb)]
+                have, p = have + len(m), p + 1
+            parts.append(np.concatenate(stream)[: nb * B].reshape(nb, B))
+        batches = np.concatenate(parts)
         order = rng_for(self.seed, TAG_SHUFFLE, epoch).permutation(len(batches))
-        batches = [batches[i] for i in order]
-        return batches[: len(batches) // W * W]
+        return batches[order[: len(batches) // W * W]]
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of `epoch` (global batch g = k * world_size + rank)."""
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self._global_batches(epoch)[self.rank::self.world_size])
+            plan = self._global_batches(epoch)[self.rank::self.world_size]
+            self._cache = (epoch, plan.copy() if isinstance(plan, np.ndarray) else plan)  # only this rank's share
         return self._cache[1]
 
     def batches_per_epoch(self) -> int:
@@ -145,7 +154,7 @@ class Planner:
         the single pass for the held-out split."""
         while True:
             plan = self.epoch(epoch)
-            if not plan:
+            if not len(plan):
                 return
             for k in range(batch, len(plan)):
                 g = k * self.world_size + self.rank

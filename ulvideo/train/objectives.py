@@ -326,6 +326,9 @@ def preflight(cfg: Config) -> None:
             if info.get("stage1_sha256") != file_sha256(export):
                 raise ConfigError(f"data.path '{cfg.data.path}' holds latents of another stage-1 export "
                                   f"({info.get('stage1_export')}), not of base.stage1_export = {export}")
-    if not Path(cfg.data.path).exists():
+    from ulvideo.data.storage import is_url
+
+    remote = is_url(cfg.data.path) or "{" in cfg.data.path or "::" in cfg.data.path  # URLs, brace patterns, a::b
+    if not (remote or cfg.data.manifest) and not Path(cfg.data.path).exists():
         raise FileNotFoundError(f"data.path '{cfg.data.path}' does not exist (for the built-in data: "
                                 f"ulvideo data synth --out {cfg.data.path})")
