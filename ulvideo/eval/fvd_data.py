@@ -311,13 +311,16 @@ def read_frames_clip(video: Video, start: int, p: Protocol) -> torch.Tensor:
 
 def read_clip(video: Video, c: Clip, p: Protocol, generated: bool = False) -> torch.Tensor:
     """The clip `c` of `video`, brought to the preset's size (generated clips only where it resizes them)."""
-    from ulvideo.videoio import read_clip as read_video_clip
+    from ulvideo.videoio import VideoError, read_clip as read_video_clip
 
     if video.frames:
         x = read_frames_clip(video, c.start, p) if (p.resize_generated or not generated) else \
             torch.from_numpy(np.stack([np.asarray(_load_frame(f)) for f in video.frames[c.start:c.start + p.num_frames]]))
     else:
-        x = torch.from_numpy(read_video_clip(video.path, start=c.start, num_frames=p.num_frames))
+        try:
+            x = torch.from_numpy(read_video_clip(video.path, start=c.start, num_frames=p.num_frames))
+        except (VideoError, OSError) as e:  # probed fine, fails to decode: stop, naming the file
+            raise FVDInputError(f"{video.path}: cannot decode frames {c.start}..{c.start + p.num_frames - 1} ({e})") from None
         if p.resize_generated or not generated:
             x = prepare_video(x, p)
     return x.flip(2).contiguous() if c.flip else x  # (T, H, W, 3): W is axis 2
