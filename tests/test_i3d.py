@@ -202,3 +202,23 @@ def test_torchscript_loads_only_with_a_confirmed_hash(tmp_path):
     assert record["sha256_vouched_by"] == "user"
     out = net(torch.zeros(2, 3, 9, 8, 8), rescale=True, resize=False, return_features=True)
     assert out[:, :3].tolist() == [[1.0, 0.0, 1.0]] * 2
+
+
+def test_weights_of_the_other_kind_are_named(tmp_path):
+    """A TorchScript file where the state dict belongs (and the reverse) is named for what it is,
+    read from the archive without unpickling or running it."""
+    from ulvideo.eval.i3d import file_kind
+
+    script = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(FakeDetector()).save(str(script))
+    state = tmp_path / "i3d_pretrained_400.pt"
+    torch.save(random_state(9), state)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    assert [file_kind(p) for p in (script, state, text)] == ["torchscript", "state_dict", "other"]
+    with pytest.raises(fvd.WeightsError, match="is a TorchScript file; .* needs the state dict"):
+        fvd.load_weights("i3d_pretrained_400", script)
+    with pytest.raises(fvd.WeightsError, match="is a PyTorch state dict"):
+        fvd.load_weights("i3d_torchscript", state, sha256="0" * 64)
+    with pytest.raises(fvd.WeightsError, match="not a TorchScript file"):
+        fvd.load_weights("i3d_torchscript", text)

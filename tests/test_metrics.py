@@ -64,14 +64,16 @@ class FakeExtractor:
 
     weights = {"sha256": "0" * 64}
 
-    class protocol:  # scores frames 0 and 2 of a clip
+    class protocol:  # scores the first 3 frames of a clip, as FeatureExtractor scores its preset's
         name = "fake"
         covariance = "unbiased"
-        num_frames = 2
-        frame_stride = 2
+        num_frames = 3
 
     def __call__(self, clips):
-        x = torch.as_tensor(clips).double().flatten(1, 3)  # (B, T*H*W, 3)
+        x = torch.as_tensor(clips)
+        if x.shape[1] < self.protocol.num_frames:
+            raise ValueError(f"preset fake scores 3 frames per clip, got {x.shape[1]}")
+        x = x[:, :self.protocol.num_frames].double().flatten(1, 3)  # (B, T*H*W, 3)
         return torch.cat([x.mean(1), x.std(1)], 1)
 
 
@@ -88,12 +90,12 @@ def test_accumulator_equals_one_shot_reference():
     assert out["recon/num_clips"] == 7
     assert out["recon/psnr"] == pytest.approx(float(metrics.psnr(real, recon).mean()), rel=1e-12)
     assert out["recon/ssim"] == pytest.approx(float(metrics.ssim(real, recon).mean()), rel=1e-12)
-    fr, fg = ext(real[:, 0:3:2]).numpy(), ext(recon[:, 0:3:2]).numpy()  # the protocol's frames only
+    fr, fg = ext(real[:, :3]).numpy(), ext(recon[:, :3]).numpy()  # the protocol's frames only
     ref = frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), fg.mean(0), np.cov(fg, rowvar=False))
     assert out["recon/rfvd"] == pytest.approx(ref, rel=1e-8, abs=1e-10)
     assert "recon/lpips" not in out
     assert acc.provenance()["fvd_preset"] == "fake"
-    with pytest.raises(ValueError, match="3-frame clips, got 2"):
+    with pytest.raises(ValueError, match="3 frames per clip, got 2"):
         acc.update(real[:, :2], recon[:, :2])
 
 

@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     run_dir = tmp / "run"
     # 5-frame clips are too short for the preset's 16: a notice, and training goes on without rFVD
     first = ulvideo("train", "configs/ul/tiny.yaml", "--run-dir", run_dir, f"--data.path={data}", "--train.steps=3", *SMALL,
-                    "--eval.fvd_preset=ucf101-16f-128")
+                    "--eval.fvd_preset=tats-fvd2048-16f")
     return data, run_dir, first
 
 
@@ -66,7 +66,7 @@ def test_evaluation_is_printed_with_a_notice_for_clips_too_short_for_rfvd(run):
     e = evals[0]
     assert (f"eval step 3: PSNR {e['eval/psnr']:.2f} dB, SSIM {e['eval/ssim']:.4f}, "
             f"{e['eval/bits_per_pixel']:.4g} bits/pixel") in first.stdout
-    notices = [line for line in first.stderr.splitlines() if "eval.fvd_preset = ucf101-16f-128" in line]
+    notices = [line for line in first.stderr.splitlines() if "eval.fvd_preset = tats-fvd2048-16f" in line]
     assert len(notices) == 1 and "scores 16-frame clips, data.num_frames = 5: no rFVD" in notices[0]
 
 
@@ -146,8 +146,9 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
 WITH_TEST_PRESET = """
 import sys
 from ulvideo.eval import fvd
-fvd.PRESETS["loop-test"] = fvd.Protocol("loop-test", "tests", "i3d_pretrained_400", 9, 1, "random", 16, "bilinear",
-                                        4, 4, "unbiased", "train")
+fvd.PRESETS["loop-test"] = fvd.Protocol("loop-test", "tests", "i3d_pretrained_400", 9, 16, "bilinear-round",
+                                        "bilinear-round", "name", "bilinear", "first", "first", True, 4, 4,
+                                        "unbiased", "train")
 fvd.I3D_SIZE = 32  # keeps the I3D input small on CPU
 from ulvideo.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -219,17 +220,17 @@ def test_rfvd_notices_and_preset_errors(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("ULVIDEO_CACHE", str(tmp_path))
     monkeypatch.delenv("ULVIDEO_I3D", raising=False)
     caplog.set_level(logging.INFO, logger="ulvideo.train")
-    cfg = load_config(ROOT / "configs/ul/tiny.yaml", ["--data.num_frames=17", "--eval.fvd_preset=ucf101-16f-128"])
+    cfg = load_config(ROOT / "configs/ul/tiny.yaml", ["--data.num_frames=17", "--eval.fvd_preset=tats-fvd2048-16f"])
     objective = StageOne(cfg)
     objective.prepare_evaluation("cpu")
     assert objective._extractor is None
     [notice] = [r.getMessage() for r in caplog.records]
-    assert "eval.fvd_preset = ucf101-16f-128: no rFVD in this run" in notice and "\n" not in notice
+    assert "eval.fvd_preset = tats-fvd2048-16f: no rFVD in this run" in notice and "\n" not in notice
     assert "i3d_pretrained_400.pt" in notice and str(tmp_path) in notice  # what it needs and where it looked
     caplog.clear()
-    StageOne(load_config(ROOT / "configs/ul/tiny.yaml", ["--eval.fvd_preset=ucf101-16f-128", "--eval.every=0"])
+    StageOne(load_config(ROOT / "configs/ul/tiny.yaml", ["--eval.fvd_preset=tats-fvd2048-16f", "--eval.every=0"])
              ).prepare_evaluation("cpu")
-    assert [r.getMessage() for r in caplog.records] == ["eval.fvd_preset = ucf101-16f-128 is unused: eval.every = 0 "
+    assert [r.getMessage() for r in caplog.records] == ["eval.fvd_preset = tats-fvd2048-16f is unused: eval.every = 0 "
                                                         "(no evaluation)"]
     with pytest.raises(ConfigError, match="'nope' is not an FVD preset"):
         preflight(load_config(ROOT / "configs/ul/tiny.yaml", ["--eval.fvd_preset=nope"]))

@@ -5,7 +5,7 @@
     ulvideo encode --export runs/tiny/exports/latest.safetensors --input clip.mp4 --out z.safetensors
     ulvideo decode --export runs/tiny/exports/latest.safetensors --input z.safetensors --out clip.mp4
     ulvideo generate --export STAGE1 --base STAGE2 --prompt "a red circle moving left" --out out.mp4
-    ulvideo fvd ref --data DIR --preset ucf101-16f-128 --out ref.npz
+    ulvideo fvd ref --data DIR --preset tats-fvd2048-16f --out ref.npz
 """
 from __future__ import annotations
 
@@ -126,24 +126,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics); the same clip as one pass")
     d.set_defaults(run=cmd_decode)
 
-    f = sub.add_parser("fvd", help="Frechet video distance: reference statistics and scores")
+    from ulvideo.eval.fvd_presets import help_lines  # pure data: --help stays free of torch
+
+    import textwrap
+
+    windows = textwrap.fill("Windows: real clips follow the preset's rule (StyleGAN-V one random window in each of the first "
+               "2048 videos, TATS 2048 windows from all windows, cd-FVD one random window per video); generated "
+               "clips are frames 0..T-1 (cd-FVD: a random window, the folder read again up to 2048). A folder of "
+               "long clips is therefore not at FVD 0 from itself. Layouts: video files, or one folder of frames per "
+               "video.", 100) + "\n\npresets:\n" + help_lines()
+    f = sub.add_parser("fvd", help="Frechet video distance: reference statistics and scores",
+                       description="Frechet video distance under a named preset.\n" + windows,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     fsub = f.add_subparsers(dest="fvd_command", metavar="ACTION", required=True)
-    fr = fsub.add_parser("ref", help="compute reference statistics of real videos")
-    fr.add_argument("--data", required=True, help="a folder of real videos (the preset's split sub-folder when it has one)")
-    fr.add_argument("--preset", required=True, help="an FVD protocol preset, e.g. ucf101-16f-128 (PRESETS in ulvideo/eval/fvd.py)")
-    fr.add_argument("--out", required=True, help="reference statistics file to write (.npz)")
+    fr = fsub.add_parser("ref", help="compute reference statistics of real videos",
+                         description="Statistics of the real videos of --data (its preset split, e.g. train/, "
+                         "when present).\n" + windows, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fr.add_argument("--data", required=True, help="folder of video files or of frame folders")
+    fr.add_argument("--preset", required=True, help="one of the presets listed above")
+    fr.add_argument("--out", required=True, help="statistics file (.npz)")
+    fr.add_argument("--mirror", action="store_true",
+                    help="add a horizontally flipped copy of every video before the preset's selection (StyleGAN-V's "
+                         "dataset x-flip; its own fvd2048_* turn it off); recorded in the file and every score")
     fr.add_argument("--weights", default=None, help="I3D weights file (else $ULVIDEO_I3D or the cache dir)")
     fr.add_argument("--batch-size", type=int, default=8, help="clips per I3D forward pass")
     fr.add_argument("--i3d-sha256", default=None, help="confirm the weights' sha256 (needed for a TorchScript file)")
     fr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    fr.set_defaults(run=_lazy("eval.fvd", "main_ref"))
-    fc = fsub.add_parser("calc", help="score generated videos against reference statistics")
+    fr.set_defaults(run=cmd_fvd_ref)
+    fc = fsub.add_parser("calc", help="score generated videos against reference statistics",
+                         description="Score generated clips against a statistics file of `fvd ref` (its preset "
+                         "decides everything).\n" + windows, formatter_class=argparse.RawDescriptionHelpFormatter)
     fsrc = fc.add_mutually_exclusive_group(required=True)
-    fsrc.add_argument("--videos", help="a folder of generated videos")
+    fsrc.add_argument("--videos", help="a folder of generated videos (files or frame folders)")
     fsrc.add_argument("--export", help="stage-1 export (with --base and --prompts)")
     fc.add_argument("--base", help="stage-2 export whose generations are scored (with --export)")
     fc.add_argument("--prompts", help="a file with one prompt per line, cycled (with --export)")
-    fc.add_argument("--ref", required=True, help="reference statistics from `ulvideo fvd ref` (.npz)")
+    fc.add_argument("--ref", required=True, help="statistics file written by `ulvideo fvd ref`")
     fc.add_argument("--weights", default=None, help="I3D weights file (else $ULVIDEO_I3D or the cache dir)")
     fc.add_argument("--batch-size", type=int, default=8, help="clips per I3D forward pass (and per generation batch)")
     fc.add_argument("--i3d-sha256", default=None, help="confirm the weights' sha256 (needed for a TorchScript file)")
@@ -154,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler (with --export)")
     fc.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     fc.add_argument("--out", default=None, help="write the result as JSON here too")
-    fc.set_defaults(run=_lazy("eval.fvd", "main_calc"))
+    fc.set_defaults(run=cmd_fvd_calc)
 
     da = sub.add_parser("data", help="datasets: synthesize the shapes data, scan a folder, pack shards")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -406,6 +424,95 @@ def cmd_scan(args) -> int:
         return 1
     written = write_report(report, out) if suffix == ".json" else write_scan_manifest(report, out)
     print(f"{'report' if suffix == '.json' else 'manifest'}: {written}")
+    return 0
+
+
+def _fvd_device(name: str | None) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name
+
+
+def _fvd_progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="clip")
+    return bar, bar.update
+
+
+def cmd_fvd_ref(args) -> int:
+    """`ulvideo fvd ref`: statistics of real videos under a preset."""
+    from ulvideo.eval import fvd
+
+    try:
+        plan = fvd.plan_reference(args.data, args.preset, args.mirror)
+        ext = fvd.load_extractor(plan.protocol, args.weights, args.i3d_sha256, _fvd_device(args.device), args.batch_size)
+        bar, tick = _fvd_progress(len(plan.clips), f"fvd ref {plan.protocol.name}")
+        with bar:
+            stats, meta = fvd.reference_statistics(plan, ext, tick)
+    except (fvd.FVDInputError, fvd.WeightsError) as e:
+        print(f"ulvideo fvd ref: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:  # unknown or retired preset
+        print(f"ulvideo fvd ref: {e.args[0]}", file=sys.stderr)
+        return 2
+    stats.save(args.out, meta)
+    keys = ("num_clips", "num_videos", "mirror", "skipped", "weights", "versions")
+    print(json.dumps({k: meta[k] for k in keys} | {"preset": plan.protocol.name, "out": str(args.out)}))
+    return 0
+
+
+def _fvd_pipeline(args):
+    """The stage-2 pipeline `pipe(prompts, seed) -> uint8 (B, T, H, W, 3)`."""
+    from ulvideo.generate import load_pipeline
+
+    return load_pipeline(args.export, args.base)
+
+
+def cmd_fvd_calc(args) -> int:
+    """`ulvideo fvd calc`: score a folder of generated videos, or clips streamed from a pipeline."""
+    from ulvideo.eval import fvd
+
+    sampling = {"steps": args.steps, "decoder_steps": args.decoder_steps, "sampler": args.sampler,
+                "guidance": args.guidance}
+    try:
+        ref, meta, p = fvd.load_reference(args.ref)
+        if args.videos:
+            planned = fvd.plan_folder(args.videos, p)
+        elif not (args.base and args.prompts):
+            raise fvd.FVDInputError("--export needs --base and --prompts")
+        elif p.context_frames:
+            raise fvd.FVDInputError(f"{p.name} needs {p.context_frames} real context frames per clip; generate with "
+                                    "`ulvideo generate --context` and score the folder with --videos")
+        else:
+            prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+            if not prompts:
+                raise fvd.FVDInputError(f"no prompts in {args.prompts}")
+        ext = fvd.load_extractor(p, args.weights, args.i3d_sha256, _fvd_device(args.device), args.batch_size)
+        if ext.weights["sha256"] != meta["weights"]["sha256"]:
+            raise fvd.FVDInputError(f"weights {ext.weights['sha256']} differ from the reference's "
+                                    f"{meta['weights']['sha256']}; features are not comparable")
+        if args.videos:
+            bar, tick = _fvd_progress(len(planned[1]), f"fvd calc {p.name}")
+            with bar:
+                gen, source = fvd.folder_statistics(args.videos, ext, tick, planned)
+        else:
+            pipe = _fvd_pipeline(args)
+            bar, tick = _fvd_progress(p.num_gen, f"fvd calc {p.name}")
+            with bar:
+                gen = fvd.pipeline_statistics(pipe, prompts, ext, args.seed, args.batch_size, sampling, tick)
+            source = {"export": args.export, "base": args.base, "prompts": args.prompts, "seed": args.seed, **sampling}
+        from ulvideo.exports import file_sha256
+
+        result = fvd.score(ref, meta, gen, ext, source | {"ref": str(args.ref), "ref_sha256": file_sha256(args.ref)})
+    except (fvd.FVDInputError, fvd.WeightsError, OSError) as e:
+        print(f"ulvideo fvd calc: {e}", file=sys.stderr)
+        return 2
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(line + "\n")
     return 0
 
 

@@ -1,46 +1,29 @@
-"""Frechet Video Distance (Unterthiner et al. 2018): I3D features, named protocols, reference stats.
+"""Frechet Video Distance (Unterthiner et al. 2018): I3D features, named presets, statistics, scores.
 
-    ulvideo fvd ref  --data data/ucf101 --preset ucf101-16f-128 --out ucf_ref.npz
+    ulvideo fvd ref  --data data/ucf101 --preset tats-fvd2048-16f --out ucf_ref.npz
     ulvideo fvd calc --videos samples/ --ref ucf_ref.npz --out fvd.json
     ulvideo fvd calc --export s1.safetensors --base s2.safetensors --prompts p.txt --ref ucf_ref.npz
 
-A number is only comparable under the same protocol, so a `Protocol` fixes everything that moves
-it and is stored with every statistics file and every score, beside the weights' sha256 and the
-library versions. Features are always computed from uint8 clips (real files are uint8; model
-output goes through `videoio.to_uint8` first), so real and generated clips are quantised alike.
+A number is only comparable under the same protocol, so a preset (`fvd_presets.py`: one per
+reference tool, each choice cited to the reference's file and line) fixes everything that moves it
+and is stored with every statistics file and every score, beside the weights' sha256, the library
+versions and the FFmpeg builds inside PyAV and decord. The library (this file) is what the CLI
+handlers in ulvideo/cli.py and the training loop call:
 
-Presets (their sources are in each `source` field):
-
-  stylegan-v-2048-16f  StyleGAN-V's `fvd2048_16f`: TorchScript I3D called as StyleGAN-V calls it
-                       (uint8 clips, rescale=True, resize=True: the port resizes to 224 itself),
-                       16 consecutive frames at a random start, clips at 256x256, 2048 real and
-                       2048 generated clips, covariance divided by n.
-  ucf101-16f-128       The i3d_pretrained_400.pt practice of TATS / cd-FVD: clips at 128x128,
-                       16 frames, torch bilinear (align_corners=False, no antialias) to 224x224,
-                       x * 2/255 - 1, 2048 generated clips vs. one clip per train video,
-                       covariance divided by n - 1 (TATS' and VideoGPT's `cov`).
-  k600-5to11           Kinetics-600 prediction (Video Transformer, MAGVIT, W.A.L.T, the UL paper):
-                       16 frames at 64x64, the first 5 given. The original TF FVD input
-                       (tf.image.resize_bilinear of TF1, no half-pixel offset, to 224; x*2/255-1)
-                       into the tf-hub I3D (its TorchScript port, rescale=False, resize=False),
-                       50,000 clips, covariance divided by n - 1 (tfgan). Our causal models make 17
-                       frames; the first 16 are scored.
-
-Weights are never downloaded: `--weights`, then $ULVIDEO_I3D (the file or its folder), then
-$ULVIDEO_CACHE/i3d or ~/.cache/ulvideo/i3d. State dicts load with torch.load(weights_only=True).
-A TorchScript file (which can run code) loads only when its sha256 matches a known value or the
-one the user confirms with --i3d-sha256 / $ULVIDEO_I3D_SHA256.
+    plan = plan_reference(folder, preset, mirror)       # lists and checks the input, no compute
+    ext = load_extractor(preset, weights, sha256)       # WeightsError with one line when unusable
+    stats, meta = reference_statistics(plan, ext)       # FeatureStats + what went in
+    gen, source = folder_statistics(folder, ext) | pipeline_statistics(pipe, prompts, ext, ...)
+    result = score(ref_stats, ref_meta, gen, ext, source)
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import hashlib
-import json
-import os
+import importlib.util
 import platform
-import sys
 import time
-import zlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,57 +31,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ulvideo.eval import fvd_data
+from ulvideo.eval.fvd_data import FVDInputError, Video, list_videos, plan_generated, plan_real, prepare_video, read_clip
+from ulvideo.eval.fvd_presets import PRESETS, Protocol, get_preset
+from ulvideo.eval.i3d import (MIN_FRAMES, NUM_CLASSES, WEIGHTS, WeightsError, find_weights,  # noqa: F401 (re-exported)
+                              load_state_dict_checked, load_weights)
 from ulvideo.eval.metrics import FeatureStats, fvd_from_stats
-from ulvideo.exports import file_sha256
-from ulvideo.eval.i3d import MIN_FRAMES, NUM_CLASSES, InceptionI3d
 
 I3D_SIZE = 224
 
 
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    source: str
-    weights: str  # a key of WEIGHTS
-    num_frames: int
-    frame_stride: int
-    clip_start: str  # real clips: "random" (one per video, seeded by its path) or "first"
-    resolution: int  # clips first go to R x R: short side to R (bilinear), centre crop, uint8
-    i3d_resize: str  # "torchscript" (the port's own resize), "bilinear" (torch), "tf1-bilinear"
-    num_gen: int
-    num_ref: int  # 0: one clip from every usable reference video
-    covariance: str  # "population" (/ n) or "unbiased" (/ (n - 1))
-    reference_split: str  # sub-folder of --data holding the reference videos ("" = the folder)
-    context_frames: int = 0  # leading frames that are given, not generated (prediction tasks)
-    value_range: tuple[float, float] = (-1.0, 1.0)
-    uint8_quantized: bool = True
-    seed: int = 0
+# --------------------------------------------------------------------------------------------
+# Provenance.
+# --------------------------------------------------------------------------------------------
 
 
-PRESETS = {p.name: p for p in (
-    Protocol("stylegan-v-2048-16f",
-             "StyleGAN-V (Skorokhodov et al. 2022) src/metrics/metric_main.py fvd2048_16f, "
-             "frechet_video_distance.py (detector kwargs rescale=True, resize=True, return_features=True), "
-             "metric_utils.py FeatureStats.get_mean_cov (divides by n)",
-             "i3d_torchscript", 16, 1, "random", 256, "torchscript", 2048, 2048, "population", ""),
-    Protocol("ucf101-16f-128",
-             "TATS (Ge et al. 2022) / cd-FVD (Ge et al. 2024): i3d_pretrained_400.pt, cdfvd "
-             "preprocess_i3d (bilinear to 224x224, 2x/255-1); VideoGPT/TATS frechet_distance cov (n-1); "
-             "clip size 128 with VideoGPT's short-side resize + centre crop",
-             "i3d_pretrained_400", 16, 1, "random", 128, "bilinear", 2048, 0, "unbiased", "train"),
-    Protocol("k600-5to11",
-             "Kinetics-600 5->11 frame prediction (Weissenborn et al. 2020; Yu et al. MAGVIT 2023; "
-             "Heek et al. 2026): google-research frechet_video_distance.py preprocess "
-             "(tf.image.resize_bilinear, 2x/255-1) and tfgan frechet_classifier_distance (n-1)",
-             "i3d_torchscript", 16, 1, "random", 64, "tf1-bilinear", 50000, 50000, "unbiased", "test",
-             context_frames=5),
-)}
-
-
-def get_preset(name: str) -> Protocol:
-    if name not in PRESETS:
-        raise KeyError(f"unknown FVD preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
+def _ffmpeg_builds() -> dict[str, str]:
+    """FFmpeg version of every libavutil loaded in this process, named by the package that ships it
+    (PyAV and decord wheels each bundle their own build; their pixels can differ)."""
+    out = {}
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return out
+    for lib in sorted({ln.split()[-1] for ln in maps if "libavutil" in ln}):
+        owner = "av" if "/av.libs/" in lib or "/av/" in lib else "decord" if "decord" in lib else "system"
+        try:
+            f = ctypes.CDLL(lib).av_version_info
+            f.restype = ctypes.c_char_p
+            out[f"{owner}_ffmpeg"] = f().decode()
+        except (OSError, AttributeError):
+            continue
+    return out
 
 
 def provenance() -> dict:
@@ -107,50 +71,22 @@ def provenance() -> dict:
 
     out = {"ulvideo": ulvideo.__version__, "python": platform.python_version(), "torch": torch.__version__,
            "numpy": np.__version__}
-    for mod in ("av", "decord"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            pass
-    return out
+    for mod in ("av", "decord", "PIL"):
+        if importlib.util.find_spec(mod):
+            try:
+                out[mod] = __import__(mod).__version__
+            except Exception:  # a broken install is recorded as absent, not fatal
+                pass
+    if "av" in out:
+        import av
+
+        out["av_ffmpeg"] = getattr(av, "ffmpeg_version_info", "")
+    return out | _ffmpeg_builds()
 
 
 # --------------------------------------------------------------------------------------------
-# Clip selection and preprocessing. Clips are uint8 (B, T, H, W, 3) until the I3D input.
+# The network input and the feature extractor.
 # --------------------------------------------------------------------------------------------
-
-
-def clip_span(p: Protocol) -> int:
-    return (p.num_frames - 1) * p.frame_stride + 1
-
-
-def clip_start(num_video_frames: int, p: Protocol, key: str) -> int | None:
-    """First frame of the clip taken from a video, or None when the video is too short.
-
-    A "random" start depends only on (seed, key), so a reference set is reproducible in any order.
-    """
-    room = num_video_frames - clip_span(p)
-    if room < 0:
-        return None
-    if p.clip_start == "first" or room == 0:
-        return 0
-    rng = np.random.default_rng([p.seed, zlib.crc32(key.encode())])
-    return int(rng.integers(0, room + 1))
-
-
-def to_resolution(clips: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, T, H, W, 3) -> uint8 (B, T, size, size, 3): short side to `size` (bilinear,
-    align_corners=False, no antialias; long side rounded up), centre crop. As VideoGPT's `preprocess`."""
-    b, t, h, w, _ = clips.shape
-    if (h, w) == (size, size):
-        return clips
-    scale = size / min(h, w)
-    th, tw = (size, int(np.ceil(w * scale))) if h <= w else (int(np.ceil(h * scale)), size)
-    x = clips.reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
-    top, left = (th - size) // 2, (tw - size) // 2
-    x = x[:, :, top:top + size, left:left + size]
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(b, t, size, size, 3)
 
 
 def _tf1_bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -169,8 +105,9 @@ def _tf1_bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
 def i3d_input(clips: torch.Tensor, p: Protocol) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) -> the tensor handed to the network, (B, 3, T, ., .).
 
-    "torchscript": the uint8 clip itself (the port rescales and resizes, as in StyleGAN-V);
-    otherwise float32 at 224x224 in [-1, 1], resized on 0..255 values and then scaled by 2/255 - 1.
+    "torchscript": the uint8 clip itself (the port rescales and resizes, as StyleGAN-V calls it);
+    "bilinear": float32, torch bilinear to 224 (align_corners=False, no antialias), then
+    2 * x / 255 - 1 in that order (TATS and cd-FVD `preprocess_i3d`); "tf1-bilinear": TF1's resize.
     """
     b, t, h, w, _ = clips.shape
     if p.i3d_resize == "torchscript":
@@ -184,121 +121,17 @@ def i3d_input(clips: torch.Tensor, p: Protocol) -> torch.Tensor:
         x = torch.einsum("ih,nchw,jw->ncij", mh, x, mw)
     else:
         raise ValueError(f"unknown i3d_resize {p.i3d_resize!r}")
-    x = x * (2.0 / 255.0) - 1.0
+    x = 2.0 * x / 255.0 - 1
     return x.reshape(b, t, 3, I3D_SIZE, I3D_SIZE).permute(0, 2, 1, 3, 4).contiguous()
 
 
-# --------------------------------------------------------------------------------------------
-# Weights: find, check, load.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    filename: str
-    what: str
-    published: tuple[str, ...]
-    sha256: str | None  # no publisher states a hash for either file; the observed one is recorded
-
-
-WEIGHTS = {
-    "i3d_torchscript": WeightsInfo(
-        "i3d_torchscript.pt",
-        "StyleGAN-V's TorchScript port of the tf-hub Kinetics-400 I3D (deepmind/i3d-kinetics-400/1)",
-        ("https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt (StyleGAN-V, "
-         "src/metrics/frechet_video_distance.py)",), None),
-    "i3d_pretrained_400": WeightsInfo(
-        "i3d_pretrained_400.pt",
-        "PyTorch state dict of the Kinetics-400 RGB I3D used by VideoGPT, TATS and cd-FVD",
-        ("https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt (TATS; what cd-FVD fetches)",
-         "Google Drive file 1mQK8KD8G6UWRa5t87SRMm5PVXtlpneJT (VideoGPT, videogpt/download.py)"), None),
-}
-
-
-class WeightsError(RuntimeError):
-    """I3D weights missing, unreadable or not the expected file; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ULVIDEO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ulvideo")
-    return Path(root) / "i3d"
-
-
-def find_weights(kind: str, path: str | os.PathLike | None = None) -> Path:
-    info = WEIGHTS[kind]
-    tried = []
-    for source, cand in (("--weights", path), ("$ULVIDEO_I3D", os.environ.get("ULVIDEO_I3D")),
-                         ("cache", cache_dir())):
-        if not cand:
-            continue
-        p = Path(cand).expanduser()
-        p = p / info.filename if p.is_dir() or source == "cache" else p
-        if p.is_file():
-            return p
-        tried.append(f"{p} ({source})")
-        if source == "--weights":
-            break  # an explicit path that does not exist is an error, not a reason to look elsewhere
-    raise WeightsError(
-        f"I3D weights not found: this protocol needs {info.filename} ({info.what}).\n"
-        f"  looked at: {'; '.join(tried)}\n"
-        f"  published at: {' | '.join(info.published)}\n"
-        f"  download it yourself, then put it in {cache_dir()} or pass --weights PATH "
-        f"or set ULVIDEO_I3D=PATH (the file or its folder)")
-
-
-def load_state_dict_checked(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Strict load with an error that names missing/unexpected/mis-shaped keys."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{source}: expected a flat state dict of tensors")
-    own = model.state_dict()
-    state = dict(state)
-    for k in own:  # written by BatchNorm since PyTorch 0.4; older conversions lack it, eval ignores it
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise WeightsError(f"{source}: not the i3d_pretrained_400 key layout; missing {missing[:5]} "
-                           f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), "
-                           f"shape mismatches {shapes[:5]}")
-    model.load_state_dict(state, strict=True)
-
-
-def load_weights(kind: str, path=None, sha256: str | None = None, device="cpu"):
-    """(network, record). `record` holds kind, file, sha256 and how the hash was vouched for."""
-    info = WEIGHTS[kind]
-    p = find_weights(kind, path)
-    digest = file_sha256(p)
-    expected = (sha256 or os.environ.get("ULVIDEO_I3D_SHA256") or info.sha256 or "").strip().lower()
-    vouched = "published" if expected and expected == (info.sha256 or "") else ("user" if expected else "none")
-    if expected and digest != expected:
-        origin = "the published value" if vouched == "published" else "--i3d-sha256 / $ULVIDEO_I3D_SHA256"
-        raise WeightsError(f"{p}: sha256 is {digest}, expected {expected} (from {origin}); wrong or damaged file "
-                           f"(the right one: {info.filename}, {' | '.join(info.published)})")
-    record = {"kind": kind, "file": str(p), "sha256": digest, "sha256_vouched_by": vouched}
-    if kind == "i3d_torchscript":
-        if not expected:
-            raise WeightsError(
-                f"{p} is a TorchScript file (it can run code) and no published sha256 is known for "
-                f"{info.filename}; its sha256 is {digest}. If this is the file you downloaded from "
-                f"{info.published[0]}, confirm it with --i3d-sha256 {digest} (or ULVIDEO_I3D_SHA256={digest}).")
-        net = torch.jit.load(str(p), map_location=device).eval()
-        return net, record
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{p}: cannot read as a PyTorch state dict with weights_only=True "
-                           f"({type(e).__name__}: {e}); expected {info.filename} ({info.what})") from None
-    net = InceptionI3d()
-    load_state_dict_checked(net, state, str(p))
-    return net.to(device).eval(), record
-
-
 class FeatureExtractor:
-    """uint8 clips (B, T, H, W, 3), T >= 9 -> float64 I3D logit features (B, 400) on `device`.
+    """uint8 clips (B, T, H, W, 3) -> float64 I3D features (B, 400) on `device`.
 
-    Applies the protocol's resolution and I3D preprocessing; clip selection happens before.
+    `features` takes clips as the preset hands them to its network input (already at their size);
+    calling the extractor first brings clips to the preset's resolution as a video file's window
+    would be (reconstruction metrics during training use this). Both score the first
+    `num_frames` frames and refuse fewer.
     """
 
     dim = NUM_CLASSES
@@ -306,19 +139,23 @@ class FeatureExtractor:
     def __init__(self, protocol: Protocol, net, weights: dict, device="cpu", batch_size: int = 8):
         self.protocol, self.net, self.weights = protocol, net, weights
         self.device, self.batch_size = torch.device(device), batch_size
-        self.torchscript = isinstance(net, torch.jit.ScriptModule)
+        self.torchscript = protocol.weights == "i3d_torchscript"  # the port's calling convention
 
-    @torch.no_grad()
-    def __call__(self, clips) -> torch.Tensor:
+    def _check(self, clips) -> torch.Tensor:
         x = torch.as_tensor(np.ascontiguousarray(clips) if isinstance(clips, np.ndarray) else clips)
         if x.dtype != torch.uint8 or x.ndim != 5 or x.shape[-1] != 3:
             raise ValueError(f"features need uint8 clips (B, T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-        if x.shape[1] < MIN_FRAMES:
-            raise ValueError(f"I3D needs at least {MIN_FRAMES} frames, got {x.shape[1]}")
+        need = self.protocol.num_frames
+        if x.shape[1] < need:
+            raise ValueError(f"preset {self.protocol.name} scores {need} frames per clip, got {x.shape[1]}")
+        return x[:, :need]
+
+    @torch.no_grad()
+    def features(self, clips) -> torch.Tensor:
+        x = self._check(clips)
         out = []
         for i in range(0, x.shape[0], self.batch_size):
-            chunk = to_resolution(x[i:i + self.batch_size], self.protocol.resolution)
-            inp = i3d_input(chunk.to(self.device), self.protocol)
+            inp = i3d_input(x[i:i + self.batch_size].to(self.device), self.protocol)
             if self.torchscript:
                 own = self.protocol.i3d_resize == "torchscript"
                 y = self.net(inp, rescale=own, resize=own, return_features=True)
@@ -327,75 +164,92 @@ class FeatureExtractor:
             out.append(y.double())
         return torch.cat(out)
 
+    def __call__(self, clips) -> torch.Tensor:
+        x = self._check(clips)
+        return self.features(torch.stack([prepare_video(c, self.protocol) for c in x]))
+
 
 def load_extractor(protocol: Protocol | str, weights=None, sha256=None, device="cpu",
                    batch_size: int = 8) -> FeatureExtractor:
     p = get_preset(protocol) if isinstance(protocol, str) else protocol
-    net, record = load_weights(p.weights, weights, sha256, device)
+    net, record = load_weights(p.weights, weights, sha256, device, preset=p.name)
     return FeatureExtractor(p, net, record, device, batch_size)
 
 
-def try_load_extractor(eval_cfg, device="cpu") -> tuple[FeatureExtractor | None, str | None]:
-    """For training: (extractor, None), or (None, why not) -- rFVD is skipped, never fatal."""
+def try_load_extractor(eval_cfg, device="cpu", num_frames: int | None = None
+                       ) -> tuple[FeatureExtractor | None, str | None]:
+    """For training: (extractor, None), or (None, why not) -- rFVD is skipped, never fatal.
+    `num_frames`: the held-out clips' length; shorter than the preset's frames skips rFVD too."""
     if not eval_cfg.fvd_preset:
         return None, "eval.fvd_preset is not set"
     try:
-        return load_extractor(eval_cfg.fvd_preset, eval_cfg.i3d_weights or None,
-                              eval_cfg.i3d_sha256 or None, device), None
+        p = get_preset(eval_cfg.fvd_preset)
+        if num_frames is not None and num_frames < p.num_frames:
+            return None, f"eval.fvd_preset {p.name} scores {p.num_frames} frames; held-out clips have {num_frames}"
+        return load_extractor(p, eval_cfg.i3d_weights or None, eval_cfg.i3d_sha256 or None, device), None
     except (WeightsError, KeyError) as e:
-        return None, str(e)
+        return None, str(e.args[0])
 
 
 # --------------------------------------------------------------------------------------------
-# CLI handlers (arguments: ulvideo/cli.py, `fvd ref` and `fvd calc`).
+# Statistics of a folder, of generated clips; scores.
 # --------------------------------------------------------------------------------------------
 
 
-def _device(name: str | None) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name
+@dataclass
+class ReferencePlan:
+    """What `fvd ref` will read: known before any feature is computed."""
+
+    protocol: Protocol
+    folder: Path
+    videos: list[Video]
+    clips: list[fvd_data.Clip]
+    skipped: dict[str, int]
+    mirror: bool
 
 
-def _video_files(folder: Path) -> list[Path]:
-    from ulvideo.videoio import VIDEO_EXTENSIONS
-
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-
-
-def _clips_from_folder(folder: Path, p: Protocol, start_mode: str, limit: int, skipped: dict):
-    """Yield uint8 (T, R, R, 3) clips; unreadable or short videos are skipped and counted."""
-    from ulvideo.videoio import VideoError, probe, read_clip
-
-    taken = 0
-    for f in _video_files(folder):
-        if limit and taken >= limit:
-            return
-        key = f.relative_to(folder).as_posix()
-        try:
-            n = probe(f).num_frames
-            start = clip_start(n, p, key) if start_mode == "random" else (0 if n >= clip_span(p) else None)
-            if start is None:
-                skipped["too short"] = skipped.get("too short", 0) + 1
-                continue
-            clip = read_clip(f, start=start, num_frames=p.num_frames, stride=p.frame_stride)
-        except (VideoError, OSError) as e:
-            reason = getattr(e, "reason", type(e).__name__)
-            skipped[reason] = skipped.get(reason, 0) + 1
-            continue
-        taken += 1
-        yield to_resolution(torch.from_numpy(clip)[None], p.resolution)[0]
-
-
-def _accumulate(clips, ext: FeatureExtractor, stats: FeatureStats, batch: int, bar) -> None:
+def _accumulate(clips, extract, stats: FeatureStats, batch: int, progress=None) -> None:
     buf = []
     for clip in clips:
         buf.append(clip)
         if len(buf) == batch:
-            stats.update(ext(torch.stack(buf)))
-            bar.update(len(buf))
+            stats.update(extract(torch.stack(buf)))
+            progress and progress(len(buf))
             buf = []
     if buf:
-        stats.update(ext(torch.stack(buf)))
-        bar.update(len(buf))
+        stats.update(extract(torch.stack(buf)))
+        progress and progress(len(buf))
+
+
+def plan_reference(data: str | Path, preset: Protocol | str, mirror: bool = False) -> ReferencePlan:
+    """List the reference videos of `data` (its preset split if present) and choose their clips."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    root = Path(data)
+    folder = root / p.reference_split if p.reference_split and (root / p.reference_split).is_dir() else root
+    if not folder.is_dir():
+        raise FVDInputError(f"{folder} is not a folder")
+    videos, skipped = list_videos(folder, p.frame_order)
+    if not videos:
+        raise FVDInputError(f"{folder} has no videos: video files ({', '.join(_video_exts())}) or folders of frames "
+                            f"({', '.join(fvd_data.IMAGE_SUFFIXES)}), one folder per video"
+                            + (f"; unreadable: {skipped}" if skipped else ""))
+    usable = any(fvd_data.window_room(p.real_clips, bool(v.frames), p.num_frames, v.num_frames) is not None
+                 for v in videos)
+    clips, short = plan_real(videos, p, mirror) if usable else ([], len(videos))
+    if not clips:
+        raise FVDInputError(f"none of the {len(videos)} videos in {folder} has the {p.num_frames} frames preset {p.name} "
+                            f"scores (longest: {max(v.num_frames for v in videos)} frames)")
+    if short:
+        skipped[f"shorter than {p.num_frames} frames"] = short
+    if videos[0].frames and p.frame_route == "as-read":
+        fvd_data.check_one_size(videos, clips, str(folder))
+    return ReferencePlan(p, folder, videos, clips, skipped, mirror)
+
+
+def _video_exts():
+    from ulvideo.videoio import VIDEO_EXTENSIONS
+
+    return VIDEO_EXTENSIONS
 
 
 def _record(ext: FeatureExtractor) -> dict:
@@ -403,120 +257,91 @@ def _record(ext: FeatureExtractor) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def main_ref(args) -> int:
-    from tqdm import tqdm
+def reference_statistics(plan: ReferencePlan, ext: FeatureExtractor, progress=None) -> tuple[FeatureStats, dict]:
+    p = plan.protocol
+    if ext.protocol != p:
+        raise ValueError(f"extractor is for {ext.protocol.name}, the plan for {p.name}")
+    stats = FeatureStats(ext.dim, ext.device)
+    clips = (read_clip(plan.videos[c.video], c, p) for c in plan.clips)
+    _accumulate(clips, ext.features, stats, ext.batch_size, progress)
+    meta = {"kind": "fvd-reference", **_record(ext), "data": str(plan.folder.resolve()), "num_clips": stats.count,
+            "num_videos": len(plan.videos), "mirror": plan.mirror, "skipped": plan.skipped}
+    if p.num_real and stats.count < p.num_real:
+        meta["warning"] = f"{stats.count} clips, fewer than the preset's {p.num_real}"
+    return stats, meta
 
-    try:
-        p = get_preset(args.preset)
-        ext = load_extractor(p, args.weights, getattr(args, "i3d_sha256", None), _device(getattr(args, "device", None)),
-                             args.batch_size)
-    except (KeyError, WeightsError) as e:
-        print(f"ulvideo fvd ref: {e.args[0]}", file=sys.stderr)
-        return 2
-    root = Path(args.data)
-    folder = root / p.reference_split if p.reference_split and (root / p.reference_split).is_dir() else root
+
+def plan_folder(folder: str | Path, p: Protocol) -> tuple[list[Video], list[fvd_data.Clip], dict]:
+    """Generated videos of `folder` and their clips (FVDInputError when any is too short)."""
+    folder = Path(folder)
     if not folder.is_dir():
-        print(f"ulvideo fvd ref: {folder} is not a folder", file=sys.stderr)
-        return 2
-    total = len(_video_files(folder))
-    stats, skipped = FeatureStats(ext.dim, ext.device), {}
-    with tqdm(total=min(total, p.num_ref) if p.num_ref else total, desc=f"fvd ref {p.name}", unit="clip") as bar:
-        _accumulate(_clips_from_folder(folder, p, p.clip_start, p.num_ref, skipped), ext, stats, args.batch_size, bar)
-    if stats.count < 2:
-        print(f"ulvideo fvd ref: only {stats.count} usable clips in {folder} (skipped: {skipped})", file=sys.stderr)
-        return 2
-    meta = {"kind": "fvd-reference", **_record(ext), "data": str(folder.resolve()), "num_clips": stats.count,
-            "skipped": skipped}
-    if p.num_ref and stats.count < p.num_ref:
-        meta["warning"] = f"{stats.count} clips, fewer than the protocol's {p.num_ref}"
-    stats.save(args.out, meta)
-    print(json.dumps({k: meta[k] for k in ("num_clips", "skipped", "weights")} | {"out": str(args.out)}))
-    return 0
+        raise FVDInputError(f"{folder} is not a folder")
+    videos, skipped = list_videos(folder, p.frame_order)
+    if not videos:
+        raise FVDInputError(f"{folder} has no videos" + (f" (unreadable: {skipped})" if skipped else ""))
+    return videos, plan_generated(videos, p), skipped
 
 
-def _load_pipeline(args):
-    """The stage-2 pipeline `pipe(prompts, seed) -> uint8 (B, T, H, W, 3)`, or an error message."""
-    import importlib.util
-
-    if importlib.util.find_spec("ulvideo.generate") is None:
-        return None, "ulvideo.generate is not available in this version"
-    import ulvideo.generate as gen
-
-    if not hasattr(gen, "load_pipeline"):
-        return None, "ulvideo.generate.load_pipeline is not available in this version"
-    return gen.load_pipeline(args.export, args.base), None
+def folder_statistics(folder, ext: FeatureExtractor, progress=None, planned=None) -> tuple[FeatureStats, dict]:
+    p = ext.protocol
+    videos, clips, skipped = planned or plan_folder(folder, p)
+    stats = FeatureStats(ext.dim, ext.device)
+    _accumulate((read_clip(videos[c.video], c, p, generated=True) for c in clips), ext.features, stats,
+                ext.batch_size, progress)
+    return stats, {"videos": str(Path(folder).resolve()), "num_videos": len(videos), "skipped": skipped}
 
 
-def _sampling(args) -> dict:
-    """Sampler settings passed to the pipeline and recorded with the score."""
-    return {k: getattr(args, k) for k in ("steps", "decoder_steps", "sampler", "guidance") if hasattr(args, k)}
-
-
-def _generated_clips(pipe, prompts: list[str], args, p: Protocol, limit: int):
-    """Stream uint8 clips from the pipeline; prompts cycle; the seed advances by one per batch."""
-    made, step = 0, 0
-    while made < limit:
-        n = min(args.batch_size, limit - made)
-        clips = torch.as_tensor(pipe([prompts[(made + i) % len(prompts)] for i in range(n)], seed=args.seed + step,
-                                     **_sampling(args)))
-        if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[1] < clip_span(p):
-            raise ValueError(f"the pipeline returned {clips.dtype} {tuple(clips.shape)}; the protocol needs "
-                             f"uint8 (B, >= {clip_span(p)}, H, W, 3)")
-        for c in clips[:, :clip_span(p):p.frame_stride]:
-            yield to_resolution(c[None], p.resolution)[0]
+def pipeline_statistics(pipe, prompts: list[str], ext: FeatureExtractor, seed: int = 0, batch_size: int = 8,
+                        sampling: dict | None = None, progress=None) -> FeatureStats:
+    """Stream generated clips into the statistics; prompts cycle; the seed advances by one per batch.
+    Generated clips are scored from frame 0, as made (resized only where the preset resizes them)."""
+    p, sampling = ext.protocol, sampling or {}
+    stats, made, step = FeatureStats(ext.dim, ext.device), 0, 0
+    while made < p.num_gen:
+        n = min(batch_size, p.num_gen - made)
+        clips = torch.as_tensor(pipe([prompts[(made + i) % len(prompts)] for i in range(n)], seed=seed + step, **sampling))
+        if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+            raise FVDInputError(f"the pipeline returned {clips.dtype} {tuple(clips.shape)}, not uint8 (B, T, H, W, 3)")
+        if clips.shape[1] < p.num_frames:
+            raise FVDInputError(f"the pipeline makes {clips.shape[1]} frames; preset {p.name} scores {p.num_frames} "
+                                "(generate longer clips)")
+        clips = clips[:, :p.num_frames]
+        stats.update(ext(clips) if p.resize_generated else ext.features(clips))
+        progress and progress(n)
         made, step = made + n, step + 1
+    return stats
 
 
-def main_calc(args) -> int:
-    from tqdm import tqdm
-
+def load_reference(path: str | Path) -> tuple[FeatureStats, dict, Protocol]:
+    """A statistics file written by `fvd ref`, checked: FVDInputError with one line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FVDInputError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise FVDInputError(f"{path} is not a statistics file written by `ulvideo fvd ref` (not an .npz archive)")
     try:
-        ref, meta = FeatureStats.load(args.ref)
-        p = Protocol(**{**meta["protocol"], "value_range": tuple(meta["protocol"]["value_range"])})
-        if PRESETS.get(p.name) != p:
-            raise ValueError(f"{args.ref} was made under a different definition of {p.name!r}; recompute it")
-        ext = load_extractor(p, args.weights, getattr(args, "i3d_sha256", None), _device(getattr(args, "device", None)),
-                             args.batch_size)
-    except (OSError, ValueError, KeyError, WeightsError) as e:
-        print(f"ulvideo fvd calc: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
-    if ext.weights["sha256"] != meta["weights"]["sha256"]:
-        print(f"ulvideo fvd calc: weights {ext.weights['sha256']} differ from the reference's "
-              f"{meta['weights']['sha256']}; features are not comparable", file=sys.stderr)
-        return 2
-    stats, skipped = FeatureStats(ext.dim, ext.device), {}
-    if args.videos:
-        source = {"videos": str(Path(args.videos).resolve())}
-        clips = _clips_from_folder(Path(args.videos), p, "first", p.num_gen, skipped)
-    else:
-        if not (args.base and args.prompts):
-            print("ulvideo fvd calc: --export needs --base and --prompts", file=sys.stderr)
-            return 2
-        if p.context_frames:
-            print(f"ulvideo fvd calc: {p.name} needs {p.context_frames} real context frames per clip; "
-                  "generate with `ulvideo generate --context` and score the folder with --videos", file=sys.stderr)
-            return 2
-        prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-        pipe, why = _load_pipeline(args) if prompts else (None, f"no prompts in {args.prompts}")
-        if pipe is None:
-            print(f"ulvideo fvd calc: {why}", file=sys.stderr)
-            return 2
-        source = {"export": args.export, "base": args.base, "prompts": args.prompts, "seed": args.seed,
-                  **_sampling(args)}
-        clips = _generated_clips(pipe, prompts, args, p, p.num_gen)
-    with tqdm(total=p.num_gen, desc=f"fvd calc {p.name}", unit="clip") as bar:
-        _accumulate(clips, ext, stats, args.batch_size, bar)
-    if stats.count < 2:
-        print(f"ulvideo fvd calc: only {stats.count} usable clips (skipped: {skipped})", file=sys.stderr)
-        return 2
-    result = {"fvd": fvd_from_stats(ref, stats, p.covariance), "preset": p.name, "num_gen": stats.count,
-              "num_ref": ref.count, **_record(ext), "ref": {"file": str(args.ref), "sha256": file_sha256(args.ref)},
-              "source": source, "skipped": skipped}
-    if stats.count < p.num_gen or (p.num_ref and ref.count < p.num_ref):
-        result["warning"] = "fewer clips than the protocol's counts: not comparable with published numbers"
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
-    return 0
+        stats, meta = FeatureStats.load(path)
+        p = Protocol(**meta["protocol"])
+    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e:
+        raise FVDInputError(f"{path} is not a statistics file written by this version of `ulvideo fvd ref` "
+                            f"({type(e).__name__}: {str(e)[:120]}); recompute it") from None
+    if PRESETS.get(p.name) != p:
+        raise FVDInputError(f"{path} was made under a definition of {p.name!r} that this version does not have; "
+                            f"recompute it with `ulvideo fvd ref`")
+    return stats, meta, p
+
+
+def score(ref: FeatureStats, ref_meta: dict, gen: FeatureStats, ext: FeatureExtractor, source: dict) -> dict:
+    p = ext.protocol
+    if ext.weights["sha256"] != ref_meta["weights"]["sha256"]:
+        raise FVDInputError(f"weights {ext.weights['sha256']} differ from the reference's "
+                            f"{ref_meta['weights']['sha256']}; features are not comparable")
+    if gen.count < 2:
+        raise FVDInputError(f"only {gen.count} generated clips; a covariance needs at least 2")
+    result = {"fvd": fvd_from_stats(ref, gen, p.covariance), "preset": p.name, "num_gen": gen.count,
+              "num_ref": ref.count, "mirror": ref_meta.get("mirror", False), **_record(ext), "source": source}
+    if gen.count < p.num_gen or (p.num_real and ref.count < p.num_real):
+        result["warning"] = "fewer clips than the preset's counts: not comparable with published numbers"
+    if ref_meta.get("mirror"):
+        result["warning_mirror"] = "the reference statistics were mirrored (fvd ref --mirror); say so with the number"
+    return result

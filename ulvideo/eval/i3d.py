@@ -9,14 +9,21 @@ checking:
     Mixed_3b.b0 / b1a / b1b / b2a / b2b / b3b .conv3d.weight and .bn.*   (b3a is the max pool)
     logits.conv3d.{weight,bias}
 
-Input: float `(B, 3, T, H, W)` in [-1, 1] (the preprocessing lives in ulvideo/fvd.py), T >= 9.
+Input: float `(B, 3, T, H, W)` in [-1, 1] (each preset's preprocessing: fvd_data.py, fvd.py), T >= 9.
 Output: the 400 Kinetics logits averaged over time, `(B, 400)` -- the FVD feature (the TF-hub
 module's `RGB/inception_i3d/Mean:0` tensor), not the 1024-d pool.
 
 Padding is TensorFlow's "SAME" rule computed from the input size, because the weights were
 trained in TF; torch's symmetric padding would shift every feature map by half a pixel.
+
+The weights (never downloaded) are found and checked by `load_weights` at the end of this file.
 """
 from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -134,3 +141,144 @@ class InceptionI3d(nn.Module):
         x = F.avg_pool3d(x, (2, min(7, h), min(7, w)), stride=1)  # (B, 1024, T', H', W')
         x = self.logits(x)  # (B, num_classes, T', H', W')
         return x.mean(dim=(2, 3, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: find, check, load. Never downloaded; a TorchScript file (which can run code) loads only
+# when its sha256 is confirmed, a state dict only through torch.load(weights_only=True).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    filename: str
+    what: str
+    published: tuple[str, ...]
+    sha256: str | None  # no publisher states a hash for either file; `ulvideo fvd` records the observed one
+
+
+WEIGHTS = {
+    "i3d_torchscript": WeightsInfo(
+        "i3d_torchscript.pt",
+        "StyleGAN-V's TorchScript port of the tf-hub Kinetics-400 I3D (deepmind/i3d-kinetics-400/1)",
+        ("https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt (StyleGAN-V, "
+         "src/metrics/frechet_video_distance.py:22)",), None),
+    "i3d_pretrained_400": WeightsInfo(
+        "i3d_pretrained_400.pt",
+        "PyTorch state dict of the Kinetics-400 RGB I3D used by VideoGPT, TATS and cd-FVD",
+        ("https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt (TATS; what cd-FVD fetches)",
+         "Google Drive file 1mQK8KD8G6UWRa5t87SRMm5PVXtlpneJT (VideoGPT, videogpt/download.py)"), None),
+}
+
+
+class WeightsError(RuntimeError):
+    """I3D weights missing, unreadable or not the expected file; the message (one line) says what to do."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ULVIDEO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ulvideo")
+    return Path(root) / "i3d"
+
+
+def find_weights(kind: str, path: str | os.PathLike | None = None) -> Path:
+    """--weights PATH, then $ULVIDEO_I3D (the file or its folder), then the cache folder."""
+    info = WEIGHTS[kind]
+    tried = []
+    for source, cand in (("--weights", path), ("$ULVIDEO_I3D", os.environ.get("ULVIDEO_I3D")),
+                         ("cache", cache_dir())):
+        if not cand:
+            continue
+        p = Path(cand).expanduser()
+        p = p / info.filename if p.is_dir() or source == "cache" else p
+        if p.is_file():
+            return p
+        tried.append(f"{p} ({source})")
+        if source == "--weights":
+            break  # an explicit path that does not exist is an error, not a reason to look elsewhere
+    raise WeightsError(
+        f"I3D weights not found: this preset needs {info.filename} ({info.what}); looked at {'; '.join(tried)}; "
+        f"published at {' | '.join(info.published)}; download it yourself, then put it in {cache_dir()}, "
+        f"pass --weights PATH or set ULVIDEO_I3D=PATH (the file or its folder)")
+
+
+def file_kind(path: Path) -> str:
+    """"torchscript" (a zip with a code/ folder), "state_dict" (another torch.save zip or a legacy
+    pickle) or "other", read from the container without unpickling anything."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any("/code/" in n for n in names):
+            return "torchscript"
+        return "state_dict" if any(n.endswith("data.pkl") for n in names) else "other"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return "state_dict" if head[:1] == b"\x80" else "other"  # pickle protocol 2+ (torch.save legacy format)
+
+
+def load_state_dict_checked(model: nn.Module, state, source: str) -> None:
+    """Strict load with an error that names missing/unexpected/mis-shaped keys and the usual causes."""
+    if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
+        raise WeightsError(f"{source}: the tensors are nested under {next(iter(state))!r}; save that inner dict instead")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{source}: expected a flat state dict of tensors")
+    own = model.state_dict()
+    state = dict(state)
+    for k in own:  # written by BatchNorm since PyTorch 0.4; older conversions lack it, eval ignores it
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = own[k]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing and unexpected and all(k.startswith("module.") for k in unexpected):
+        raise WeightsError(f"{source}: every key starts with 'module.' (saved from DataParallel/DDP); save "
+                           "{k.removeprefix('module.'): v for k, v in state.items()} instead")
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise WeightsError(f"{source}: not the i3d_pretrained_400 key layout; missing {missing[:5]} "
+                           f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), "
+                           f"shape mismatches {shapes[:5]}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_weights(kind: str, path=None, sha256: str | None = None, device="cpu", preset: str = ""):
+    """(network, record). `record` holds kind, file, sha256 and how the hash was vouched for."""
+    from ulvideo.exports import file_sha256
+
+    info = WEIGHTS[kind]
+    p = find_weights(kind, path)
+    what = file_kind(p)
+    needs = f"preset {preset} needs" if preset else "this needs"
+    if kind == "i3d_torchscript" and what != "torchscript":
+        hint = (" (a state dict goes with the tats-* and cdfvd-* presets)" if what == "state_dict" else "")
+        raise WeightsError(f"{p} is {'a PyTorch state dict' if what == 'state_dict' else 'not a TorchScript file'}; "
+                           f"{needs} {info.filename}, {info.what}{hint}")
+    if kind == "i3d_pretrained_400" and what == "torchscript":
+        raise WeightsError(f"{p} is a TorchScript file; {needs} the state dict {info.filename} ({info.what}); "
+                           "the TorchScript I3D goes with the stylegan-v-* and k600-* presets")
+    digest = file_sha256(p)
+    expected = (sha256 or os.environ.get("ULVIDEO_I3D_SHA256") or info.sha256 or "").strip().lower()
+    vouched = "published" if expected and expected == (info.sha256 or "") else ("user" if expected else "none")
+    if expected and digest != expected:
+        origin = "the published value" if vouched == "published" else "--i3d-sha256 / $ULVIDEO_I3D_SHA256"
+        raise WeightsError(f"{p}: sha256 is {digest}, expected {expected} (from {origin}); wrong or damaged file "
+                           f"(the right one: {info.filename}, {' | '.join(info.published)})")
+    record = {"kind": kind, "file": str(p), "sha256": digest, "sha256_vouched_by": vouched}
+    if kind == "i3d_torchscript":
+        if not expected:
+            raise WeightsError(
+                f"{p} is a TorchScript file (it can run code) and no published sha256 is known for "
+                f"{info.filename}; its sha256 is {digest}. If this is the file you downloaded from "
+                f"{info.published[0]}, confirm it with --i3d-sha256 {digest} (or ULVIDEO_I3D_SHA256={digest}).")
+        try:
+            net = torch.jit.load(str(p), map_location=device).eval()
+        except Exception as e:
+            raise WeightsError(f"{p}: cannot load as TorchScript ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return net, record
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{p}: cannot read as a PyTorch state dict with weights_only=True "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); expected {info.filename} "
+                           f"({info.what})") from None
+    net = InceptionI3d()
+    load_state_dict_checked(net, state, str(p))
+    return net.to(device).eval(), record

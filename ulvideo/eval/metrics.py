@@ -287,13 +287,9 @@ class ReconstructionMetrics:
         self.sums[2] += ssim(x, y).sum()
         if self.lpips_model is not None:
             self.sums[3] += lpips_distance(self.lpips_model, x, y).sum()
-        if self.extractor is not None:  # the protocol's frames: the first span, every stride-th
-            p = self.extractor.protocol
-            span = (p.num_frames - 1) * p.frame_stride + 1
-            if x.shape[1] < span:
-                raise ValueError(f"FVD preset {p.name} scores {span}-frame clips, got {x.shape[1]} frames")
-            self.real_stats.update(self.extractor(x[:, :span:p.frame_stride]))
-            self.recon_stats.update(self.extractor(y[:, :span:p.frame_stride]))
+        if self.extractor is not None:  # the preset's frames (the first num_frames) at its resolution
+            self.real_stats.update(self.extractor(x))
+            self.recon_stats.update(self.extractor(y))
 
     def provenance(self) -> dict:
         """What the numbers depend on besides the clips; log it once beside them."""

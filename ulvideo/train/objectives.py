@@ -139,7 +139,7 @@ class StageOne(Objective):
         if not e.every:
             log.warning("eval.fvd_preset = %s is unused: eval.every = 0 (no evaluation)", e.fvd_preset)
             return
-        need = fvd.clip_span(fvd.get_preset(e.fvd_preset))
+        need = fvd.get_preset(e.fvd_preset).num_frames
         if self.cfg.data.num_frames < need:
             log.warning("eval.fvd_preset = %s scores %d-frame clips, data.num_frames = %d: no rFVD in this run "
                         "(PSNR, SSIM and bits are still evaluated)", e.fvd_preset, need, self.cfg.data.num_frames)
@@ -161,9 +161,7 @@ class StageOne(Objective):
         model.eval()
         videos, ext = self._heldout_batch(), self._extractor
         if ext is not None:
-            from ulvideo.eval.fvd import clip_span
-
-            ext = ext if videos.shape[2] >= clip_span(ext.protocol) else None  # images of mixed data: no rFVD
+            ext = ext if videos.shape[2] >= ext.protocol.num_frames else None  # images of mixed data: no rFVD
         return reconstruction_report(model, videos, out_dir, self.cfg.eval.decoder_steps, seed=step, extractor=ext)
 
     def describe_evaluation(self, out: dict) -> str:
