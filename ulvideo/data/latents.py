@@ -83,7 +83,10 @@ class LatentEntry:
 
 
 def find_shards(root: str, skips: SkipLog) -> list[LatentEntry]:
-    """Every sample of every complete shard under `root`, in sorted shard order."""
+    """Every sample of every complete shard under `root`, in sorted shard order. A shard whose JSON
+    or tensor header cannot be read, or does not match, is skipped and counted ("unreadable shard")."""
+    from safetensors import SafetensorError
+
     if not os.path.isdir(root):
         raise DataError(f"latent folder '{root}' does not exist")
     entries = []
@@ -91,8 +94,8 @@ def find_shards(root: str, skips: SkipLog) -> list[LatentEntry]:
         if meta_path.name.startswith(".") or meta_path.name.endswith(".text.json"):
             continue
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
             skips.add(str(meta_path), "unreadable shard", str(e))
             continue
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -108,7 +111,7 @@ def find_shards(root: str, skips: SkipLog) -> list[LatentEntry]:
             _check_tensor(f"{prefix}.safetensors", "z_clean", (n, *shape))
             if meta.get("text"):
                 _check_tensor(f"{prefix}.text.safetensors", "emb", None, n)
-        except (KeyError, ValueError, TypeError, OSError) as e:
+        except (KeyError, ValueError, TypeError, OSError, SafetensorError) as e:
             skips.add(prefix, "unreadable shard", f"{type(e).__name__}: {e}")
             continue
         for i in range(n):
