@@ -117,7 +117,7 @@ def test_a_folder_of_only_corrupt_shards_is_refused_up_front(tmp_path):
 def test_one_line_of_an_error_reraised_from_a_loader_worker():
     from torch._utils import ExceptionWrapper
 
-    from ulvideo.cli import _one_line
+    from ulvideo.cli_io import one_line as _one_line
 
     try:
         try:

@@ -219,25 +219,10 @@ def _tiling(args):
 
 
 def cmd_encode(args) -> int:
-    from ulvideo.cli_io import InputError, check_counts, check_outputs, export_files
+    from ulvideo.cli_io import check_encode
     from ulvideo.exports import load_stage1
 
-    check_counts(num_frames=args.num_frames, batch_size=args.batch_size, shard_size=args.shard_size, chunk=args.chunk,
-                 tile=args.tile)
-    if args.data:
-        data, out = Path(args.data).resolve(), Path(args.out).resolve()
-        if args.chunk or args.tile or args.overwrite:
-            raise InputError("--chunk, --tile and --overwrite apply to --input; --data resumes its shard folder "
-                             "(and refuses one holding shards made otherwise)")
-        if out == data or data in out.parents:
-            raise InputError(f"--out {args.out} lies inside --data {args.data}: the shards would become part of the "
-                             "dataset; write them elsewhere")
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {args.out} is a file; --data writes a folder of shards")
-    else:
-        if Path(args.out).suffix != ".safetensors":
-            raise InputError(f"--out {args.out}: a latent file is written as NAME.safetensors")
-        check_outputs([args.out], [args.input, *export_files(args.export)], args.overwrite)
+    check_encode(args)  # arguments and outputs, before the export is loaded
     model = load_stage1(args.export)
     if args.data:
         from ulvideo.data.encode import encode_dataset
@@ -289,8 +274,8 @@ def cmd_decode(args) -> int:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from ulvideo.cli_io import (VIDEO_SUFFIXES, InputError, check_counts, check_finite, check_outputs, export_files,
-                                long_prompts, read_prompts, video_outputs)
+    from ulvideo.cli_io import (InputError, check_counts, check_finite, check_outputs, clip_outputs, export_files,
+                                long_prompts, read_prompts)
     from ulvideo.generate import check_request, load_pipeline, read_input
     from ulvideo.videoio import VideoError, write_png_grid, write_video
 
@@ -302,13 +287,7 @@ def cmd_generate(args) -> int:
     if prompts and labels and len(prompts) != len(labels):
         raise InputError(f"{len(prompts)} prompts and {len(labels)} labels: give one label per prompt, or only one kind")
     n = max(len(prompts), len(labels), 1)
-    out = Path(args.out)
-    if n > 1:  # a folder of sample_NNNN.mp4 (+ .png)
-        if out.suffix.lower() in VIDEO_SUFFIXES or out.is_file():
-            raise InputError(f"--out {out}: {n} clips are written into a folder; give a folder, not a file")
-        files = [video_outputs(out / f"sample_{i:04d}.mp4") for i in range(n)]
-    else:
-        files = [video_outputs(out)]  # per clip: the video, and the PNG sheet beside it
+    files = clip_outputs(args.out, n)  # per clip: the video, and the PNG sheet beside it
     check_outputs([f for clip in files for f in clip], [*export_files(args.export), *export_files(args.base), args.prompts, args.context],
                   args.overwrite)
     try:
@@ -535,7 +514,7 @@ def cmd_fvd_calc(args) -> int:
                 gen, source = fvd.folder_statistics(args.videos, ext, tick, planned)
         else:
             pipe = _fvd_pipeline(args)
-            for line in long_prompts(pipe.text, prompts):
+            for line in long_prompts(getattr(pipe, "text", None), prompts):  # None: no text encoder
                 print(f"ulvideo fvd calc: {line}", file=sys.stderr)
             bar, tick = _fvd_progress(p.num_gen, f"fvd calc {p.name}")
             with bar:
@@ -557,30 +536,6 @@ def cmd_fvd_calc(args) -> int:
     return 0
 
 
-def _input_errors() -> tuple[type, ...]:
-    """The exception types that mean bad input (a message for the user), not a bug (a traceback)."""
-    from ulvideo.cli_io import InputError
-    from ulvideo.config import ConfigError
-    from ulvideo.data.sources import DataError
-    from ulvideo.data.storage import StorageError
-    from ulvideo.exports import ExportError
-    from ulvideo.text import TextEncoderError
-    from ulvideo.videoio import VideoError
-
-    return InputError, ConfigError, DataError, StorageError, ExportError, TextEncoderError, VideoError
-
-
-def _one_line(e: BaseException) -> str:
-    """The message of `e` on one line. An error re-raised from a DataLoader worker carries the
-    worker's traceback in its message: its last line is the original 'module.Error: message'."""
-    text = str(e).strip()
-    if "\n" in text:
-        last = text.splitlines()[-1].strip()
-        head, sep, rest = last.partition(": ")
-        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0: done; 2: a bad argument, config or input file, said in one line on stderr
     before any compute where it can be known up front; 3: training stopped on non-finite steps."""
@@ -596,12 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except Exception as e:
-        if not isinstance(e, _input_errors()):
+        from ulvideo.cli_io import input_errors, one_line
+
+        if not isinstance(e, input_errors()):
             raise
         name = " ".join(filter(None, (args.command, getattr(args, "fvd_command", None),
                                       getattr(args, "data_command", None))))
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"ulvideo {name}{rank}: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"ulvideo {name}{rank}: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
 
 

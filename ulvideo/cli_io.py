@@ -57,6 +57,36 @@ def export_files(path: str | os.PathLike | None) -> list[Path]:
     return [p, p.with_suffix(".json")]
 
 
+def clip_outputs(out: str | os.PathLike, n: int) -> list[list[Path]]:
+    """`generate`'s files per clip: `out` (and its sheet) for one clip, else a folder of sample_NNNN.mp4."""
+    out = Path(out)
+    if n == 1:
+        return [video_outputs(out)]
+    if out.suffix.lower() in VIDEO_SUFFIXES or out.is_file():
+        raise InputError(f"--out {out}: {n} clips are written into a folder; give a folder, not a file")
+    return [video_outputs(out / f"sample_{i:04d}.mp4") for i in range(n)]
+
+
+def check_encode(args) -> None:
+    """`encode`'s arguments and outputs: --input writes one latent file, --data a shard folder."""
+    check_counts(num_frames=args.num_frames, batch_size=args.batch_size, shard_size=args.shard_size, chunk=args.chunk,
+                 tile=args.tile)
+    if args.data:
+        data, out = Path(args.data).resolve(), Path(args.out).resolve()
+        if args.chunk or args.tile or args.overwrite:
+            raise InputError("--chunk, --tile and --overwrite apply to --input; --data resumes its shard folder "
+                             "(and refuses one holding shards made otherwise)")
+        if out == data or data in out.parents:
+            raise InputError(f"--out {args.out} lies inside --data {args.data}: the shards would become part of the "
+                             "dataset; write them elsewhere")
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {args.out} is a file; --data writes a folder of shards")
+    else:
+        if Path(args.out).suffix != ".safetensors":
+            raise InputError(f"--out {args.out}: a latent file is written as NAME.safetensors")
+        check_outputs([args.out], [args.input, *export_files(args.export)], args.overwrite)
+
+
 def check_counts(**values: int) -> None:
     """Each `--name value` is >= 1."""
     for name, value in values.items():
@@ -143,3 +173,26 @@ def long_prompts(text, prompts: list[str]) -> list[str]:
             out.append(f"warning: prompt {shown!r} is {n} tokens; the text encoder reads the first "
                        f"{text.max_tokens} (base.text_max_tokens), the rest is cut")
     return out
+
+
+def input_errors() -> tuple[type, ...]:
+    """The exception types that mean bad input (a message for the user), not a bug (a traceback)."""
+    from ulvideo.config import ConfigError
+    from ulvideo.data.sources import DataError
+    from ulvideo.data.storage import StorageError
+    from ulvideo.exports import ExportError
+    from ulvideo.text import TextEncoderError
+    from ulvideo.videoio import VideoError
+
+    return InputError, ConfigError, DataError, StorageError, ExportError, TextEncoderError, VideoError
+
+
+def one_line(e: BaseException) -> str:
+    """The message of `e` on one line. An error re-raised from a DataLoader worker carries the
+    worker's traceback in its message: its last line is the original 'module.Error: message'."""
+    text = str(e).strip()
+    if "\n" in text:
+        last = text.splitlines()[-1].strip()
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+    return text
