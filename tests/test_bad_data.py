@@ -114,6 +114,19 @@ def test_a_folder_of_only_corrupt_shards_is_refused_up_front(tmp_path):
         check_usable(DataConfig(path=str(root)))
 
 
+def test_shards_are_checked_up_front_until_the_first_readable_one(tmp_path, monkeypatch):
+    from ulvideo.data import latents
+
+    root = tmp_path / "latents"
+    _shards(root, 3)
+    (root / "shard-00000.safetensors").write_bytes(b"\xff" * 64)
+    opened = []
+    check = latents._check_tensor
+    monkeypatch.setattr(latents, "_check_tensor", lambda path, *a: opened.append(Path(path).name) or check(path, *a))
+    check_usable(DataConfig(path=str(root)))
+    assert opened == ["shard-00000.safetensors", "shard-00001.safetensors"]
+
+
 def test_one_line_of_an_error_reraised_from_a_loader_worker():
     from torch._utils import ExceptionWrapper
 

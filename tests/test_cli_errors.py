@@ -231,6 +231,8 @@ def test_encode_data_outputs(capsys, env, work):
             "lies inside --data")
     refused(capsys, env, ["encode", "--export", env["s1"], "--data", env["data"], "--out", work / "l", "--tile", 8],
             "apply to --input")
+    refused(capsys, env, ["encode", "--export", env["s1"], "--data", env["data"], "--out", work / "l", "--num-frames", 6],
+            "--num-frames 6: clips must have 1 + 4k frames")
     (work / "file").write_text("x")
     refused(capsys, env, ["encode", "--export", env["s1"], "--data", env["data"], "--out", work / "file"],
             "is a file")

@@ -288,8 +288,8 @@ def cmd_generate(args) -> int:
         raise InputError(f"{len(prompts)} prompts and {len(labels)} labels: give one label per prompt, or only one kind")
     n = max(len(prompts), len(labels), 1)
     files = clip_outputs(args.out, n)  # per clip: the video, and the PNG sheet beside it
-    check_outputs([f for clip in files for f in clip], [*export_files(args.export), *export_files(args.base), args.prompts, args.context],
-                  args.overwrite)
+    inputs = [*export_files(args.export), *export_files(args.base), args.prompts, args.context]
+    check_outputs([f for clip in files for f in clip], inputs, args.overwrite)
     try:
         pipe = load_pipeline(args.export, args.base, args.decoder_logsnr_end)
     except ValueError as e:  # a stop logSNR outside the decoder's schedule

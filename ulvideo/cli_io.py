@@ -130,14 +130,12 @@ def read_latent(path: str | os.PathLike, channels: int):
     try:
         with safe_open(str(p), "pt") as f:
             keys, meta = list(f.keys()), f.metadata() or {}
-            if "z_clean" not in keys:
-                raise InputError(f"--input {p}: no 'z_clean' tensor (it holds {', '.join(keys[:5]) or 'none'}); "
-                                 "`ulvideo encode --input` writes one")
-            z = f.get_tensor("z_clean")
-    except (SafetensorError, OSError, ValueError) as e:
-        if isinstance(e, InputError):
-            raise
+            z = f.get_tensor("z_clean") if "z_clean" in keys else None
+    except (SafetensorError, OSError) as e:
         raise InputError(f"--input {p}: not a readable safetensors file ({e})") from None
+    if z is None:
+        raise InputError(f"--input {p}: no 'z_clean' tensor (it holds {', '.join(keys[:5]) or 'none'}); "
+                         "`ulvideo encode --input` writes one")
     if z.dtype != torch.float32:
         raise InputError(f"--input {p}: z_clean is {z.dtype}, expected float32 (as `ulvideo encode` writes it)")
     if z.ndim == 5 and z.shape[0] == 1:

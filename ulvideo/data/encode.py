@@ -147,6 +147,9 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
     try:
         if size < 1 or args.batch_size < 1:
             raise DataError(f"--shard-size {size} and --batch-size {args.batch_size} must be >= 1")
+        k = cfg.encoder.temporal_downsample
+        if frames < 1 or (frames - 1) % k:
+            raise DataError(f"--num-frames {frames}: clips must have 1 + {k}k frames")
         check_usable(data_cfg)  # a folder of only broken files: one line, before the text encoder loads
         text = None if name == "none" else load_text_encoder(name, cfg.base.text_max_tokens)
         # every file "held out", split "heldout": one pass over all of them in a fixed order, centred crops

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ulvideo.data.latents import ShardReader, find_shards
+from ulvideo.data.latents import ShardReader, find_shards, iter_shards
 from ulvideo.data.sampling import TAG_CLIP, ClipSpec, Planner, Request, frame_indices, rng_for
 from ulvideo.data import storage
 from ulvideo.data.sources import (Clips, DataError, Entry, SkipLog, collect, first_usable, heldout_keys,
@@ -267,16 +267,16 @@ def resolve_kind(d) -> str:
 
 def check_usable(data_cfg) -> None:
     """A DataError, before any process group starts, when `data.path` holds no usable clip at all
-    (e.g. a folder of broken files): local folders are checked file by file in `build_loader`'s
-    order until the first usable one; latent shards by their JSON and tensor headers. Manifests,
-    URLs and WebDataset shards are left to `build_loader` (their rows are not probed up front)."""
+    (e.g. a folder of broken files). Files are checked in `build_loader`'s order until the first
+    usable one (latent shards by their JSON and tensor headers), so a healthy folder costs one.
+    Manifests, URLs and WebDataset shards are left to `build_loader` (their rows are not probed)."""
     d = data_cfg
     kind = resolve_kind(d)
     if kind == "webdataset" or d.manifest or storage.is_url(d.path):
         return
     skips = SkipLog(level=logging.DEBUG)  # build_loader logs each skipped file later, once
     if kind == "latents":
-        found = bool(find_shards(d.path, skips))
+        found = any(len(shard) for shard in iter_shards(d.path, skips))  # stops at the first readable shard
     else:
         kinds = {"video": ["video"], "image": ["image"], "mixed": ["video", "image"]}[kind]
         found = any(first_usable(d.path if k == "video" else d.image_path or d.path, k, _spec(d).span, d.short_video,
