@@ -333,7 +333,7 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
             **{f"ema/{k}": v for k, v in load_file(str(tag_dir(run, step) / "ema.safetensors")).items()}}
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero", [pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO-3: partitioned master weights
 def test_a_blown_up_learning_rate_is_never_applied(zero, data, tmp_path):
     """Three ordinary steps, then the run resumed with train.lr = 1e30. Its first step still runs at
     the learning rate the optimizer state restores (an ordinary step); from then on AdamW's update

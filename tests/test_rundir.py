@@ -382,3 +382,17 @@ def test_an_interrupted_run_resumes_without_repeating_rows_and_repairs_its_expor
     assert f"checkpoint damaged, skipped: {d / 'step_00000004' / 'ema.safetensors'} is truncated (" in again.stderr
     assert "(step 2)" in again.stderr
     same_as_straight()
+
+
+@pytest.mark.parametrize("resume,kept", [(None, []), ({"step": 2, "metrics_rows": 3}, [1, 2, 2]),
+                                         ({"step": 2}, [1, 2, 2])])
+def test_metrics_rows_after_the_resumed_checkpoint_are_dropped(resume, kept, tmp_path):
+    """Rows 1, 2, an evaluation row at 2, then 3 and 4 that a dead run wrote after its checkpoint of
+    step 2 (which recorded 3 rows; older checkpoints record none: then the rows up to its step stay)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": i}) + "\n" for i, s in enumerate([1, 2, 2, 3, 4])))
+    log = rundir.MetricLog(tmp_path, True, resume=resume)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == kept and log.rows == len(kept)
+    following = 3 if resume else 1  # the step the run writes next
+    log.write(following, {"y": 1.0}, reduce=False)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == kept + [following]

@@ -38,7 +38,7 @@ log = logging.getLogger("ulvideo.train")
 
 
 UNIVERSAL = "universal"  # subfolder of a checkpoint holding its DeepSpeed universal-format copy
-FAULT_ENV = "ULVIDEO_FAULT_SAVE_PAUSE"  # POINT:SECONDS, see fault_pause
+FAULT_ENV = "ULVIDEO_FAULT_SAVE_PAUSE"  # POINT[@STEP]:SECONDS, see fault_pause
 
 
 TAG = re.compile(r"step_[0-9]{8,}")  # the only names `latest` may hold and resuming may use
@@ -298,10 +298,6 @@ def read_ema(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt_dir / tag / "ema.safetensors"))
 
 
-def read_state(ckpt_dir: Path, tag: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    return read_state_json(ckpt_dir, tag), read_ema(ckpt_dir, tag)
-
-
 def to_universal(tag_dir: Path) -> Path:
     """Convert one DeepSpeed ZeRO checkpoint into DeepSpeed's universal format (fp32 weights and
     optimizer moments per parameter, loadable at any world size and ZeRO stage) in TAG/universal.
@@ -342,6 +338,12 @@ def plan_resume(ckpt_dir: Path, found: Checkpoint | None, world_size: int, zero_
     ZeRO-0 optimizer state is not partitioned and loads at any world size as it is."""
     import torch.distributed as dist
 
+    if dist.is_initialized() and dist.get_world_size() > 1:  # each rank looked on its own: they must agree
+        tags = [None] * dist.get_world_size()
+        dist.all_gather_object(tags, found.tag if found else None)
+        if len(set(tags)) > 1:
+            raise RuntimeError(f"the ranks found different checkpoints to resume in {ckpt_dir} ({tags}): every rank "
+                               "must see the same run directory (a shared filesystem)")
     if found is None:
         return None
     tag, state = found.tag, found.state

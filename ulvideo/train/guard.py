@@ -30,7 +30,7 @@ import math
 import torch
 
 BOUND = math.sqrt(torch.finfo(torch.float32).max)  # largest |w| whose square is a float32 number
-CHUNK = 1 << 24  # elements per pass: bounds the temporaries (64 MiB in fp32)
+CHUNK = 1 << 24  # elements per pass: bounds the temporaries (a few times 64 MiB in fp32)
 NONFINITE_GRADIENT = "a non-finite loss or gradient"
 
 
@@ -47,11 +47,12 @@ PROBLEMS = {1: "an update that would take weights to {size:.3g}, beyond +-{bound
 
 
 @torch.no_grad()
-def adamw_update_problem(optimizer: torch.optim.Optimizer) -> tuple[int, float]:
-    """(code in PROBLEMS or 0, the largest new |w| for code 1) of the AdamW step `optimizer` is about
-    to take, found without changing anything. Decoupled weight decay and bias correction as
-    torch.optim.AdamW, DeepSpeed's FusedAdam and DeepSpeedCPUAdam (adamw mode) compute them."""
-    worst, size = 0, 0.0
+def adamw_update_problem(optimizer: torch.optim.Optimizer, device: torch.device | None = None) -> torch.Tensor:
+    """(code in PROBLEMS or 0, the largest new |w|) of the AdamW step `optimizer` is about to take,
+    found without changing anything, as a float64 tensor on `device` (no host sync here). Decoupled
+    weight decay and bias correction as torch.optim.AdamW, DeepSpeed's FusedAdam and
+    DeepSpeedCPUAdam (adamw mode) compute them."""
+    bad_grad = bad_moment = size = None
     for group in optimizer.param_groups:
         lr, b1, b2, eps, wd = _adam_hyper(group)
         for p in group["params"]:
@@ -66,19 +67,20 @@ def adamw_update_problem(optimizer: torch.optim.Optimizer) -> tuple[int, float]:
             v = None if v is None else v.reshape(-1)
             for i in range(0, g.numel(), CHUNK):
                 gc = g[i:i + CHUNK].to(w.dtype)
-                if not bool(torch.isfinite(gc).all()):
-                    return 3, 0.0
                 m1 = gc * (1 - b1) if m is None else m[i:i + CHUNK] * b1 + gc * (1 - b1)
                 v1 = gc * gc * (1 - b2) if v is None else v[i:i + CHUNK] * b2 + gc * gc * (1 - b2)
-                if not bool(torch.isfinite(m1).all() & torch.isfinite(v1).all()):
-                    worst = max(worst, 2)
-                    continue
                 w1 = w[i:i + CHUNK] * (1 - lr * wd) - (lr / c1) * m1 / (v1.sqrt() / c2 + eps)
-                # NaN compares False, so a NaN weight fails as an inf one does
-                if not bool((w1.abs() <= BOUND).all()):
-                    worst = max(worst, 1)
-                    size = max(size, float(torch.nan_to_num(w1.abs(), nan=math.inf).max()))
-    return worst, size
+                found = (~torch.isfinite(gc).all(), ~(torch.isfinite(m1).all() & torch.isfinite(v1).all()),
+                         torch.nan_to_num(w1.abs(), nan=math.inf).max().double())  # NaN counts as inf
+                if size is None:
+                    bad_grad, bad_moment, size = found
+                else:
+                    bad_grad, bad_moment, size = bad_grad | found[0], bad_moment | found[1], torch.maximum(size, found[2])
+    out = torch.zeros(2, dtype=torch.float64, device=device)
+    if size is not None:
+        code = torch.where(bad_grad, 3.0, torch.where(bad_moment, 2.0, torch.where(size > BOUND, 1.0, 0.0)))
+        out = torch.stack([code.double(), size]).to(out.device)
+    return out
 
 
 class UpdateCheck:
@@ -106,9 +108,8 @@ class UpdateCheck:
             raise RuntimeError(f"the update check needs one parameter group, DeepSpeed made {groups}")
         return cls(basic, engine.optimizer, engine.device)
 
-    def step(self, closure=None):
-        code, size = adamw_update_problem(self.basic)
-        found = torch.tensor([float(code), size], dtype=torch.float64, device=self.device)
+    def step(self, *args, **kwargs):
+        found = adamw_update_problem(self.basic, self.device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # ZeRO: each rank checked its own partition; all of them step, or none
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
@@ -120,4 +121,4 @@ class UpdateCheck:
             lr = float(self.basic.param_groups[0]["lr"])
             self.reason = PROBLEMS[code].format(size=self.size, bound=BOUND, lr=lr)
             return None
-        return self.apply(closure) if closure is not None else self.apply()
+        return self.apply(*args, **kwargs)

@@ -195,9 +195,9 @@ class MetricLog:
     written (the only all-reduce and .item() of the logs)."""
 
     def __init__(self, run_dir: Path, enabled: bool, world_size: int = 1, resume: dict | None = None):
-        """`resume`: the state.json of the checkpoint the run resumes from; the rows written after it
-        (by the run that died or stopped after that checkpoint) are dropped, from metrics.jsonl and
-        from TensorBoard, before the resumed run writes them again."""
+        """`resume`: the state.json of the checkpoint the run resumes from (None: a fresh start). The
+        rows written after it (by a run that died or stopped after that checkpoint, or before its
+        first) are dropped, from metrics.jsonl and from TensorBoard, before they are written again."""
         self.enabled, self.world = enabled, world_size
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
@@ -205,12 +205,9 @@ class MetricLog:
         self.tb = None
         self.rows = 0  # rows in metrics.jsonl; a checkpoint records it
         if enabled:
-            purge = None
-            if resume is not None:
-                self.rows = rewind_metrics(self.path, resume.get("metrics_rows"), int(resume["step"]))
-                purge = int(resume["step"]) + 1
-            elif self.path.is_file():
-                self.rows = len(self.path.read_text().splitlines())
+            step = int(resume["step"]) if resume is not None else 0
+            self.rows = rewind_metrics(self.path, resume.get("metrics_rows") if resume else 0, step)
+            purge = step + 1 if resume is not None or (run_dir / "tb").is_dir() else None
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
