@@ -122,7 +122,7 @@ def test_latest_must_name_a_step_folder_of_checkpoints(named, tmp_path):
     found = ckpt.find_resumable(d, warnings.append)
     assert found.tag == "step_00000002"
     assert warnings == [f"{d / 'latest'} names {named!r}, which is not a step folder of {d}: ignored; resuming "
-                        "from the newest intact step folder instead"]
+                        f"from {d / 'step_00000002'}, the newest intact step folder, instead"]
     plan = ckpt.plan_resume(d, found, 1, 2, True)
     assert (plan.load_dir, plan.load_tag) == (str(d), "step_00000002")
     assert not (evil.parent / "UNPICKLED").exists()
@@ -136,7 +136,8 @@ def test_a_run_dir_holding_only_a_latest_pointing_elsewhere_starts_afresh(data, 
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text(str(evil) + "\n")
     r = R.train(run, data, "--train.steps=1")
-    assert f"{run / 'checkpoints' / 'latest'} names {str(evil)!r}, which is not a step folder" in r.stderr
+    assert (f"{run / 'checkpoints' / 'latest'} names {str(evil)!r}, which is not a step folder of "
+            f"{run / 'checkpoints'}: ignored; there is no step folder here, so the run starts afresh") in r.stderr
     assert "resumed from" not in r.stderr and "done: step 1" in r.stdout
     assert not (evil.parent / "UNPICKLED").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"

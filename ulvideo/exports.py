@@ -33,16 +33,8 @@ class ExportError(RuntimeError):
     pass
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the names in directory `path` (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync(path: str | os.PathLike) -> None:
+    """Make a file's data, or a directory's names (a rename, a new file), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -65,12 +57,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def save_export(path: str | os.PathLike, weights: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any] | None = None) -> Path:
     """Write `path` (.safetensors) and its `.json` sidecar, each atomically and fsynced. The weights'
-    metadata repeats `meta["step"]`, so a pair from two different saves is told apart (`export_step`).
+    metadata repeats `meta["step"]`, so a pair from two different saves is told apart
+    (`ulvideo.train.rundir.export_step`).
     Returns the .safetensors path."""
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +73,7 @@ def save_export(path: str | os.PathLike, weights: dict[str, torch.Tensor], cfg: 
     tmp = _tmp_name(path)
     try:
         save_file(tensors, str(tmp), metadata=header)
-        _fsync_file(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -102,11 +95,11 @@ def link_export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
                 os.link(a, tmp)
             except OSError:
                 shutil.copyfile(a, tmp)
-                _fsync_file(tmp)
+                fsync(tmp)
             os.replace(tmp, b)
         finally:
             tmp.unlink(missing_ok=True)
-    fsync_dir(dst.parent)
+    fsync(dst.parent)
     return dst
 
 

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ulvideo.config import ConfigError
-from ulvideo.exports import atomic_write_text, fsync_dir
+from ulvideo.exports import atomic_write_text, fsync
 
 log = logging.getLogger("ulvideo.train")
 
@@ -135,22 +135,20 @@ def find_resumable(ckpt_dir: Path, warn: Callable[[str], None] = log.warning) ->
     checkpoint passed over, are one `warn` line each. CheckpointError when there are step folders but
     none is intact. Reads no pickle; call it before any process group starts."""
     names = step_folders(ckpt_dir)
-    order, notes = names[::-1], []
-    pointer = ckpt_dir / "latest"
+    order, pointer, ignored = names[::-1], ckpt_dir / "latest", None
     if pointer.is_file():
         named = pointer.read_text(errors="replace").strip()
         if named in names:
             order.remove(named)
             order.insert(0, named)
         else:
-            notes.append(f"{pointer} names {named[:200]!r}, which is not a step folder of {ckpt_dir}: ignored; "
-                         "resuming from the newest intact step folder instead")
+            ignored = f"{pointer} names {named[:200]!r}, which is not a step folder of {ckpt_dir}: ignored; "
     damaged = []
     for tag in order:
         problem = damage(ckpt_dir / tag)
         if problem is None:
-            for line in notes:
-                warn(line)
+            if ignored:
+                warn(ignored + f"resuming from {ckpt_dir / tag}, the newest intact step folder, instead")
             for d in damaged:
                 warn(f"checkpoint damaged, skipped: {d}; resuming from {ckpt_dir / tag}")
             return Checkpoint(tag, read_state_json(ckpt_dir, tag))
@@ -158,8 +156,8 @@ def find_resumable(ckpt_dir: Path, warn: Callable[[str], None] = log.warning) ->
     if damaged:  # one line: every damaged checkpoint, nothing to fall back to
         raise CheckpointError(f"no intact checkpoint to resume in {ckpt_dir}: {'; '.join(damaged)} (move the "
                               "checkpoints folder away to start this run afresh)")
-    for line in notes:
-        warn(line)
+    if ignored:
+        warn(ignored + "there is no step folder here, so the run starts afresh")
     return None
 
 
@@ -242,11 +240,7 @@ def begin_save(ckpt_dir: Path, step: int, is_main: bool = True) -> str:
 def sync_tree(path: Path) -> None:
     """fsync every file under `path`, so that a rename after it never exposes unwritten data."""
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(f)
 
 
 def fault_pause(point: str, step: int) -> None:
@@ -280,7 +274,7 @@ def finish_save(ckpt_dir: Path, step: int, ema: dict[str, torch.Tensor], state: 
     if final.exists():  # a save of this step that completed before a crash, or a damaged one; replaced whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(ckpt_dir)
+    fsync(ckpt_dir)
     fault_pause("renamed", step)
     atomic_write_text(ckpt_dir / "latest", final.name + "\n")
     older = [n for n in step_folders(ckpt_dir) if int(n[5:]) < step]
