@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import test_resume as R
+from test_train import WITH_TEST_PRESET  # `ulvideo` with an FVD preset small enough for CPU
 
 pytestmark = pytest.mark.distributed
 STEPS = ["--train.steps=3", "--train.ckpt_every=1", "--train.keep_last=10", "--train.ema_decay=0.5"]
@@ -25,17 +26,6 @@ STEPS = ["--train.steps=3", "--train.ckpt_every=1", "--train.keep_last=10", "--t
 EVAL = ["--eval.every=2", "--eval.num_clips=2", "--eval.decoder_steps=2", "--ul.eval_logsnr_samples=2"]
 # global batch 4 = 2 micro-batches of 2: accumulated on one process, one per rank on two
 RTOL, ATOL = 1e-5, 1e-6  # all-reduce vs local accumulation order; Adam then normalises the step
-
-# `ulvideo` with an FVD preset small enough for CPU (9 frames at 16x16, I3D at 32x32), as in test_train.py
-WITH_TEST_PRESET = """
-import sys
-from ulvideo.eval import fvd
-fvd.PRESETS["loop-test"] = fvd.Protocol("loop-test", "tests", "i3d_pretrained_400", 9, 1, "random", 16, "bilinear",
-                                        4, 4, "unbiased", "train")
-fvd.I3D_SIZE = 32
-from ulvideo.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def _port() -> str:

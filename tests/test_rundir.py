@@ -12,17 +12,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import test_faults as F
 import test_resume as R
 from ulvideo.config import load_config
-from ulvideo.exports import save_export
 from ulvideo.train import checkpoint as ckpt
 from ulvideo.train import rundir
 
