@@ -326,33 +326,55 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    """`ulvideo train CONFIG --run-dir DIR [--a.b=v ...]`: status 2 for a bad setting (before any
-    process group starts), 3 when non-finite steps stopped the run."""
+    """`ulvideo train CONFIG --run-dir DIR [--a.b=v ...]`. Exit status: 0 done (or stopped by SIGTERM
+    after saving); 2 a bad setting, the run dir in use by another trainer, or no intact checkpoint
+    to resume (all before any process group starts); 3 non-finite steps stopped the run; 4 a
+    checkpoint or export could not be written (a full disk), the previous checkpoint kept."""
     import logging
     import os
 
     from ulvideo.config import ConfigError, load_config
     from ulvideo.exports import ExportError
-    from ulvideo.train.loop import NonFiniteError, Trainer, preflight_all, world_size_from_env
+    from ulvideo.train.checkpoint import CheckpointError, SaveError
+    from ulvideo.train.loop import NonFiniteError, Trainer, find_start, preflight_all, world_size_from_env
+    from ulvideo.train.rundir import RunLock, RunLocked
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     first = os.environ.get("RANK", "0") == "0"
+    warn = logging.getLogger("ulvideo.train").warning if first else (lambda line: None)
     # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
     overrides = [o for o in args.overrides if not o.startswith("--local_rank=")]
     run_dir = Path(args.run_dir)
+    lock = None
     try:
         cfg = load_config(args.config, overrides)
         preflight_all(cfg, run_dir, world_size_from_env())  # before any process group starts
-    except (ConfigError, ExportError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if first:  # rank 0 holds the run dir; the other ranks of a refused launch are ended by the launcher
+            lock = RunLock.acquire(run_dir, warn)
+        start = find_start(cfg, run_dir, warn)
+    except (ConfigError, ExportError, CheckpointError, RunLocked, FileNotFoundError, ValueError, RuntimeError) as e:
+        if lock is not None:
+            lock.release()
         if first:
             print(f"ulvideo train: {e}", flush=True)
         return 2
     try:
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, start)
         finished = trainer.fit()
-    except NonFiniteError as e:
-        print(f"ulvideo train: {e}", flush=True)
+    except NonFiniteError as e:  # every rank agrees on the refused steps
+        if first:
+            print(f"ulvideo train: {e}", flush=True)
         return 3
+    except SaveError as e:  # on whichever rank failed to write; the launcher ends the others
+        from ulvideo.train.checkpoint import latest_tag
+
+        kept = latest_tag(run_dir / "checkpoints")
+        print(f"ulvideo train: {e}; the latest complete checkpoint is "
+              f"{run_dir / 'checkpoints' / kept if kept else 'none'}", flush=True)
+        return 4
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.is_main:
         what = "done" if finished else "stopped (SIGTERM)"
         print(f"{what}: step {trainer.step}\n" + "\n".join(f"  {line}" for line in _written(run_dir, cfg)), flush=True)

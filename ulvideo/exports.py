@@ -33,25 +33,74 @@ class ExportError(RuntimeError):
     pass
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Make a file's data, or a directory's names (a rename, a new file), durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace `path` by `text` at once: written beside it, fsynced, renamed, the rename fsynced."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync(path.parent)
 
 
 def save_export(path: str | os.PathLike, weights: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any] | None = None) -> Path:
-    """Write `path` (.safetensors) and its `.json` sidecar atomically. Returns the .safetensors path."""
+    """Write `path` (.safetensors) and its `.json` sidecar, each atomically and fsynced. The weights'
+    metadata repeats `meta["step"]`, so a pair from two different saves is told apart
+    (`ulvideo.train.rundir.export_step`).
+    Returns the .safetensors path."""
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = meta or {}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "ulvideo-export"})
-    os.replace(tmp, path)
-    atomic_write_text(path.with_suffix(".json"), json.dumps({"config": to_dict(cfg), "meta": meta or {}}, indent=2))
+    header = {"format": "ulvideo-export", **({"step": str(meta["step"])} if "step" in meta else {})}
+    tmp = _tmp_name(path)
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"config": to_dict(cfg), "meta": meta}, indent=2))
     return path
+
+
+def link_export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Make `dst` (.safetensors + .json) the same export as `src`: hard links where the filesystem
+    has them (no second copy of the weights), else copies; each file replaced atomically."""
+    import shutil
+
+    src, dst = Path(src).with_suffix(".safetensors"), Path(dst).with_suffix(".safetensors")
+    for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
+        tmp = _tmp_name(b)
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(a, tmp)
+            except OSError:
+                shutil.copyfile(a, tmp)
+                fsync(tmp)
+            os.replace(tmp, b)
+        finally:
+            tmp.unlink(missing_ok=True)
+    fsync(dst.parent)
+    return dst
 
 
 def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dict[str, torch.Tensor], Config, dict]:
