@@ -45,7 +45,7 @@ def deepspeed_launcher():
 def run_script(script: Path, launcher, *args) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS`, or under torchrun `torchrun ... SCRIPT ARGS`."""
     r = subprocess.run([*(launcher or [sys.executable]), str(script), *map(str, args)], cwd=R.ROOT, env=R.clean_env(),
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
     return r
@@ -178,7 +178,7 @@ def test_stage2_tightness_is_the_same_at_one_and_two_processes(runs, data, tmp_p
                         "--eval.num_clips=2", "--train.precision=fp32"]
     for run, launcher in ((tmp_path / "one", ()), (tmp_path / "two", torchrun())):
         cmd = [*(launcher or [sys.executable]), "-m", "ulvideo", *map(str, args(run))]
-        r = subprocess.run(cmd, cwd=R.ROOT, env=R.clean_env(), capture_output=True, text=True, timeout=900)
+        r = subprocess.run(cmd, cwd=R.ROOT, env=R.clean_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_same_evaluations(tmp_path / "one", tmp_path / "two", 2, [
         "stage1_prior_bits_per_clip", "base_elbo_null_bits_per_clip", "base_elbo_cond_bits_per_clip", "null_over_prior"])

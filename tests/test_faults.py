@@ -56,7 +56,7 @@ def train_with_faults(run_dir, data, faults: dict, *overrides, check=True):
     cmd = R.train_cmd(run_dir, data, *overrides)
     cmd[1:3] = ["-c", INJECT]  # python -c INJECT train ... instead of python -m ulvideo train ...
     r = subprocess.run(cmd, cwd=R.ROOT, env=R.clean_env(ULV_FAULTS=json.dumps(faults)), capture_output=True,
-                       text=True, timeout=900)
+                       text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"train failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
     return r

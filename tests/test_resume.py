@@ -39,7 +39,7 @@ def train_cmd(run_dir, data, *overrides, launcher=()) -> list[str]:
             *SMALL, *map(str, overrides)]
 
 
-def train(run_dir, data, *overrides, launcher=(), check=True, env=None, timeout=900) -> subprocess.CompletedProcess:
+def train(run_dir, data, *overrides, launcher=(), check=True, env=None, timeout=300) -> subprocess.CompletedProcess:
     r = subprocess.run(train_cmd(run_dir, data, *overrides, launcher=launcher), cwd=ROOT, env=env or clean_env(),
                        capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:

@@ -302,7 +302,7 @@ def test_a_full_disk_fails_the_save_cleanly(data, tmp_path):
     args = R.train_cmd(mnt / "run", data, "--train.ckpt_every=1")[3:]
     env = R.clean_env(T=str(mnt), OUT=str(out), PY=sys.executable)
     r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FULL_DISK, "sh", *args],
-                       cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=900)
+                       cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr + (out / "first.log").read_text()[-3000:]
     second = (out / "second.log").read_text()
     assert (out / "rc").read_text().strip() == "4", second[-3000:]
