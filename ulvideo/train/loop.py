@@ -320,10 +320,12 @@ class Trainer:
 
         set_backend(cfg.train.attention_backend)
         self.objective: Objective = make_objective(cfg)
-        if cfg.train.activation_checkpointing:
-            from ulvideo.train.apply import apply_activation_checkpointing
+        from ulvideo.train.apply import apply_activation_checkpointing, compile_networks
 
+        if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.objective.trained)
+        if cfg.train.compile:  # the networks, before DeepSpeed wraps the objective (never the engine)
+            compile_networks(self.objective)
         trainable = [p for p in self.objective.parameters() if p.requires_grad]
         extra = {"optimizer": client_optimizer(cfg)} if cfg.train.zero_stage == 0 else {}
         ds_config = deepspeed_config(cfg, self.world, load_universal=bool(resume and resume.universal))
