@@ -154,3 +154,52 @@ def test_streamed_calls_of_a_compiled_decoder_run_eager():
             outs.append(net(x[:, :, 1:], z[:, :, 1:], logsnr))
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
         assert_close(torch.cat(outs, dim=2), eager(x, z, logsnr), "streamed output")
+
+
+def test_cli_takes_compile_and_a_streamed_decode_is_the_same_clip(tmp_path):
+    """`--compile` exists on encode, decode and generate; `decode --compile --chunk` (streamed, so
+    eager) writes the clip of `decode --chunk`."""
+    from safetensors.torch import save_file
+
+    from ulvideo.cli import build_parser, main as cli_main
+    from ulvideo.config import load_config
+    from ulvideo.exports import save_export
+    from ulvideo.ul import UnifiedLatents
+    from ulvideo.videoio import read_image
+
+    parser = build_parser()
+    for argv in (["encode", "--export", "e", "--input", "x.mp4", "--out", "z"],
+                 ["generate", "--export", "e", "--base", "b", "--out", "o.mp4"],
+                 ["decode", "--export", "e", "--input", "z", "--out", "o.png"]):
+        assert parser.parse_args(argv + ["--compile"]).compile and not parser.parse_args(argv).compile
+    cfg = load_config(None, ["--encoder.latent_channels=4", "--encoder.spatial_downsample=4", "--encoder.channels=[8,16,16]",
+                             "--decoder.channels=[8,16]", "--decoder.width=32", "--data.height=16", "--data.width=16"])
+    torch.manual_seed(0)
+    model = _perturbed(UnifiedLatents(cfg))
+    export = save_export(tmp_path / "e", model.state_dict(), cfg, {"stage": "ul"})
+    save_file({"z_clean": torch.randn(4, 2, 4, 4).contiguous()}, str(tmp_path / "z.safetensors"))
+    clips = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"clip{len(clips)}.png"
+        assert cli_main(["decode", "--export", str(export), "--input", str(tmp_path / "z.safetensors"), "--out", str(out),
+                         "--steps", "2", "--chunk", "4", *extra]) == 0
+        clips.append(torch.from_numpy(read_image(str(out))[0]).int())
+    assert torch.equal(clips[0], clips[1])
+
+
+def test_frames_attention_compiles_as_one_graph():
+    """SDPA per frame (the CPU path of long block-causal attention) inside a compiled network."""
+    from ulvideo.kernels.frames import frames_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 8, generator=g) for _ in range(3))
+    fn = torch.compile(lambda a, b, c: frames_attention(a, b, c, causal_block=4, window=2), fullgraph=True,
+                       backend="aot_eager")
+    results = []
+    for f in (fn, lambda a, b, c: frames_attention(a, b, c, causal_block=4, window=2)):
+        inp = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = f(*inp)
+        out.backward(torch.ones_like(out))
+        results.append([out, *(t.grad for t in inp)])
+    for a, r in zip(*results):
+        assert_close(a, r, "frames attention")
