@@ -61,11 +61,15 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as run_root:
         trainers = build_trainers(spec, Path(run_root))
         out = {v: {"warmup_s": []} for v in trainers}
-        for v, trainer in trainers.items():  # compilation happens in the first step
-            for _ in range(spec["warmup"]):
-                t0 = time.perf_counter()
-                trainer.train_step()
-                out[v]["warmup_s"].append(time.perf_counter() - t0)
+        for v, trainer in list(trainers.items()):  # compilation happens in the first step
+            try:
+                for _ in range(spec["warmup"]):
+                    t0 = time.perf_counter()
+                    trainer.train_step()
+                    out[v]["warmup_s"].append(time.perf_counter() - t0)
+            except Exception as e:  # a variant that does not compile is reported, the others still run
+                out[v] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                del trainers[v]
         times = {v: [] for v in trainers}
         for _ in range(spec["steps"]):
             for v, trainer in trainers.items():
@@ -145,13 +149,16 @@ def main() -> None:
                 spec = {"config": config, "overrides": overrides, "variants": variants, "threads": args.threads,
                         "steps": args.steps, "warmup": args.warmup}
                 r = _run(spec, cache)
-                print(json.dumps({"config": name, "repeat": rep, **r})[:1500], flush=True)
+                print(json.dumps({"config": name, "repeat": rep, **r})[-1500:], flush=True)
                 if "error" not in r:
                     reps.append(r)
             out = {"config": config, "overrides": overrides}
             if not reps:
                 out["error"] = r["error"]
             for v in variants if reps else []:
+                if any("error" in r[v] for r in reps):
+                    out[v] = {"error": next(r[v]["error"] for r in reps if "error" in r[v])}
+                    continue
                 step = statistics.median(r[v]["step_s"] for r in reps)
                 first = statistics.median(r[v]["first_step_s"] for r in reps)
                 row = {"step_s": step, "first_step_s": first, "runs": [r[v] for r in reps]}
@@ -161,7 +168,7 @@ def main() -> None:
                 out[v] = row
             if reps and "static" in variants and "eager" in variants:
                 r = _run({**spec, "variants": ["eager", "static"]}, first_cache)
-                print(json.dumps({"config": name, "warm_cache": True, **r})[:1500], flush=True)
+                print(json.dumps({"config": name, "warm_cache": True, **r})[-1500:], flush=True)
                 if "error" not in r:
                     out["static_warm_cache"] = {"step_s": r["static"]["step_s"], "first_step_s": r["static"]["first_step_s"],
                                                 "speedup": r["eager"]["step_s"] / r["static"]["step_s"],

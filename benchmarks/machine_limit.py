@@ -6,7 +6,7 @@ In one invocation: (1) the fp32 matmul throughput of this CPU, `torch.mm` of two
 matrices (best of 5), measured at the start and at the end (the machine may be shared: both are
 reported, the fraction uses the larger); (2) per config (the tiny stage-1 and stage-2 setups of
 benchmarks/compile.py, real `Trainer`, DeepSpeed ZeRO as configured) and variant (eager,
-`train.compile`): the median step time, the step's FLOPs counted by
+`train.compile`; both in one process, their steps timed in turn): the median step time, the step's FLOPs counted by
 `torch.utils.flop_counter.FlopCounterMode` on one eager step (matmuls, convolutions and attention,
 forward and backward; the compiled step does the same arithmetic), the achieved FLOP/s and its
 fraction of the measured matmul throughput, and `torch.profiler`'s top operators by self time with
@@ -65,45 +65,55 @@ def _category(name: str) -> str:
     return "other"
 
 
-def worker(spec: dict) -> dict:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ulvideo.config import load_config
-    from ulvideo.train.loop import Trainer
-
-    torch.set_num_threads(spec["threads"])
-    cfg = load_config(spec["config"], spec["overrides"] + [f"--train.compile={spec['variant'] == 'compiled'}"])
-    out = {}
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
-        for _ in range(spec["warmup"]):
-            trainer.train_step()
-        times = []
-        for _ in range(spec["steps"]):
-            t0 = time.perf_counter()
-            trainer.train_step()
-            times.append(time.perf_counter() - t0)
-        out["step_s"] = statistics.median(times)
-        out["steps_s"] = times
-        if spec["variant"] == "eager":
-            with FlopCounterMode(display=False) as fc:
-                trainer.train_step()
-            out["flops_per_step"] = float(fc.get_total_flops())
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            trainer.train_step()
+def _profile_summary(prof, top: int) -> dict:
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    out["profiled_step_s"] = total / 1e6
-    out["top_ops"] = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4),
-                       "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:spec["top"]]]
     cats: dict[str, float] = {}
     for e in events:
         c = _category(e.key)
         cats[c] = cats.get(c, 0.0) + e.self_cpu_time_total / total
-    out["categories"] = {k: round(v, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+    return {"profiled_step_s": total / 1e6,
+            "top_ops": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4),
+                         "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:top]],
+            "categories": {k: round(v, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}}
+
+
+def worker(spec: dict) -> dict:
+    """Trainers of every variant in this one process, steps timed in turn round by round (as in
+    benchmarks/compile.py); FLOPs on an eager step; one profiled step per variant."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from compile import build_trainers
+
+    torch.set_num_threads(spec["threads"])
+    out = {}
+    with tempfile.TemporaryDirectory() as run_root:
+        trainers = build_trainers({**spec, "variants": ["static" if v == "compiled" else v for v in spec["variants"]]},
+                                  Path(run_root))
+        trainers = {("compiled" if v == "static" else v): t for v, t in trainers.items()}
+        for trainer in trainers.values():
+            for _ in range(spec["warmup"]):
+                trainer.train_step()
+        times = {v: [] for v in trainers}
+        for _ in range(spec["steps"]):
+            for v, trainer in trainers.items():
+                t0 = time.perf_counter()
+                trainer.train_step()
+                times[v].append(time.perf_counter() - t0)
+        for v, trainer in trainers.items():
+            out[v] = {"step_s": statistics.median(times[v]), "steps_s": times[v]}
+            if v == "eager":
+                with FlopCounterMode(display=False) as fc:
+                    trainer.train_step()
+                out[v]["flops_per_step"] = float(fc.get_total_flops())
+                out[v]["flops_by_operator"] = {str(op): float(n) for op, n in
+                                               sorted(fc.get_flop_counts()["Global"].items(), key=lambda kv: -kv[1])}
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                trainer.train_step()
+            out[v].update(_profile_summary(prof, spec["top"]))
     return out
 
 
@@ -145,12 +155,10 @@ def main() -> None:
         configs = {}
         for name in args.configs.split(","):
             config, overrides = setups[name]
-            rows = {}
-            for v in args.variants.split(","):
-                rows[v] = _run({"config": config, "overrides": overrides, "variant": v, "threads": args.threads,
-                                "steps": args.steps, "warmup": args.warmup, "top": args.top})
-                print(json.dumps({"config": name, "variant": v, **rows[v]})[:600], flush=True)
-            configs[name] = {"config": config, "overrides": overrides, **rows}
+            r = _run({"config": config, "overrides": overrides, "variants": args.variants.split(","),
+                      "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "top": args.top})
+            print(json.dumps({"config": name, **r})[-1500:], flush=True)
+            configs[name] = {"config": config, "overrides": overrides, **r}
     mm_end = mm_throughput(args.mm_size, args.threads)
     mm = max(mm_start, mm_end)
     result["matmul"] = {"size": args.mm_size, "dtype": "float32", "flops_per_s_start": mm_start,
@@ -158,8 +166,8 @@ def main() -> None:
     for name, rows in configs.items():
         flops = rows.get("eager", {}).get("flops_per_step")
         for v in args.variants.split(","):
-            r = rows[v]
-            if "error" in r or not flops:
+            r = rows.get(v, {})
+            if "error" in rows or not flops:
                 continue
             r["flops_per_step"] = flops
             r["achieved_flops_per_s"] = flops / r["step_s"]

@@ -203,3 +203,14 @@ def test_frames_attention_compiles_as_one_graph():
         results.append([out, *(t.grad for t in inp)])
     for a, r in zip(*results):
         assert_close(a, r, "frames attention")
+
+
+def test_compile_with_zero3_is_refused_before_any_process_group():
+    from ulvideo.config import ConfigError, load_config
+    from ulvideo.train.loop import check_config
+
+    cfg = load_config(None, ["--train.compile=true", "--train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="train.compile needs train.zero_stage 0, 1 or 2"):
+        check_config(cfg, 1)
+    for stage in (0, 1, 2):
+        check_config(load_config(None, ["--train.compile=true", f"--train.zero_stage={stage}"]), 1)
