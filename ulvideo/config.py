@@ -212,6 +212,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     torch_adam: bool = True  # False uses DeepSpeed's fused/CPU Adam (compiled at first use)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # torch.compile every network (inductor, one graph each, static shapes): the first step of each
+    # clip shape compiles (minutes on a small CPU; seconds with a warm cache), later steps run the
+    # fused kernels. ZeRO 0-2; weights, checkpoints and exports are those of the eager networks
+    compile: bool = False
     attention_backend: str = "auto"  # one of ulvideo.attention.BACKENDS (auto: the fastest that applies)
     # steps between log lines (metrics.jsonl, TensorBoard, the progress bar). The stop check (an
     # all-reduce and a host sync) runs only on these steps: a SIGTERM is acted on at the next one,

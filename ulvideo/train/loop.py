@@ -71,6 +71,9 @@ def check_config(cfg: Config, world_size: int) -> None:
             f"= {t.micro_batch_size} × {world_size} (gradient accumulation = global / (micro × world) must be whole)")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+    if t.compile and t.zero_stage == 3:  # the compiled graph would see ZeRO-3's empty weight partitions
+        raise ConfigError("train.compile needs train.zero_stage 0, 1 or 2: ZeRO-3 gathers each layer's weights "
+                          "in hooks around its forward, which a compiled network does not run")
     for section, key, low in (("train", "steps", 0), ("train", "ckpt_every", 1), ("train", "keep_last", 1),
                               ("train", "log_every", 1), ("train", "max_nonfinite_skips", 1), ("train", "warmup_steps", 0),
                               ("eval", "every", 0), ("eval", "num_clips", 1), ("eval", "decoder_steps", 1)):
@@ -190,10 +193,12 @@ class Trainer:
 
         set_backend(cfg.train.attention_backend)
         self.objective: Objective = make_objective(cfg)
-        if cfg.train.activation_checkpointing:
-            from ulvideo.train.apply import apply_activation_checkpointing
+        from ulvideo.train.apply import apply_activation_checkpointing, compile_networks
 
+        if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.objective.trained)
+        if cfg.train.compile:  # the networks, before DeepSpeed wraps the objective (never the engine)
+            compile_networks(self.objective)
         trainable = [p for p in self.objective.parameters() if p.requires_grad]
         ds_config = deepspeed_config(cfg, self.world, load_universal=bool(resume and resume.universal))
         self.engine, _, _, _ = deepspeed.initialize(model=self.objective, model_parameters=trainable, config=ds_config)
