@@ -1,8 +1,9 @@
 """Shared test helpers."""
-import faulthandler
+import _thread
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,24 @@ def run_ulvideo(*args, check: bool = True, timeout: int = 300, env: dict | None 
     return r
 
 
-WATCHDOG_S = 420  # the longest test takes ~45 s alone on two cores; a hang ends the run with every thread's stack
+WATCHDOG_S = 420  # the longest test takes ~45 s alone on two cores; pytest prints the stacks at 400 s
 
 
 @pytest.fixture(autouse=True)
 def _watchdog(request):
-    """A test that hangs (a deadlocked worker, a stuck collective) ends the run with every thread's
-    stack printed, instead of holding CI until its own time limit. Slow tests are exempt."""
+    """A test that hangs (a deadlocked worker, a stuck collective) stops the run: pytest prints every
+    thread's stack at `faulthandler_timeout`, then the test is interrupted (pytest reports where),
+    and a minute later the process exits if even that did not end it -- instead of holding CI until
+    its own time limit. Slow tests are exempt."""
     if request.node.get_closest_marker("slow"):
         yield
         return
-    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    timers = [threading.Timer(WATCHDOG_S, _thread.interrupt_main), threading.Timer(WATCHDOG_S + 60, os._exit, (1,))]
+    for t in timers:
+        t.daemon = True
+        t.start()
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        for t in timers:
+            t.cancel()

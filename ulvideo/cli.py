@@ -372,21 +372,21 @@ def cmd_train(args) -> int:
         if lock is not None:
             lock.release()
         if first:
-            print(f"ulvideo train: {e}", flush=True)
+            print(f"ulvideo train: {e}", file=sys.stderr, flush=True)
         return 2
     try:
         trainer = Trainer(cfg, run_dir, start)
         finished = trainer.fit()
     except NonFiniteError as e:  # every rank agrees on the refused steps
         if first:
-            print(f"ulvideo train: {e}", flush=True)
+            print(f"ulvideo train: {e}", file=sys.stderr, flush=True)
         return 3
     except SaveError as e:  # on whichever rank failed to write; the launcher ends the others
         from ulvideo.train.checkpoint import latest_tag
 
         kept = latest_tag(run_dir / "checkpoints")
         print(f"ulvideo train: {e}; the latest complete checkpoint is "
-              f"{run_dir / 'checkpoints' / kept if kept else 'none'}", flush=True)
+              f"{run_dir / 'checkpoints' / kept if kept else 'none'}", file=sys.stderr, flush=True)
         return 4
     finally:
         if lock is not None:

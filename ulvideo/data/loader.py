@@ -13,6 +13,7 @@ its bucket and counted in `loader.skips`, so one bad file never stops a run.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import warnings
 from collections import OrderedDict
 
@@ -155,6 +156,15 @@ class LatentDataset(torch.utils.data.Dataset):
         raise DataError(f"{MAX_ATTEMPTS} samples in a row failed to load; last: {skipped[-1]}")
 
 
+def worker_context():
+    """How loader workers start: from a forkserver (a clean process forked before any decoder ran),
+    never forked from the trainer itself. A forked worker inherits the decoders' thread pools
+    without their threads (PyAV's frame converter, decord's readers, OpenMP) and can wait on them
+    forever; the trainer's process group and caches stay out of the workers too."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def collate(samples: list[dict]) -> dict:
     out = {}
     for key in samples[0]:
@@ -204,6 +214,7 @@ class ClipLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchSampler(self.planner, self._epoch, self._batch), collate_fn=collate,
             num_workers=w, prefetch_factor=2 if w else None, persistent_workers=False,
+            multiprocessing_context=worker_context() if w else None,
             pin_memory=torch.cuda.is_available())  # page-locked batches copy to the GPU asynchronously
         for batch in loader:
             epoch, k = batch.pop("_pos")
