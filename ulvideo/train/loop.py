@@ -389,8 +389,9 @@ class Trainer:
         if not self.is_main:
             return None
         meta = {"step": self.step, "stage": self.cfg.stage, **self.objective.export_meta()}
-        out = save_export(self.run_dir / "exports" / f"{self.cfg.stage}_{ckpt.tag_for(self.step)}", weights, self.cfg, meta)
-        save_export(self.run_dir / "exports" / "latest", weights, self.cfg, meta)
+        weights, cfg, meta = self.objective.export_contents(weights, self.cfg, meta)  # stage prior: a stage-1 export
+        out = save_export(self.run_dir / "exports" / f"{self.cfg.stage}_{ckpt.tag_for(self.step)}", weights, cfg, meta)
+        save_export(self.run_dir / "exports" / "latest", weights, cfg, meta)
         return out
 
     # ---- one step --------------------------------------------------------------------------
