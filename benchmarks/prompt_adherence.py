@@ -9,7 +9,9 @@
 3. stage 2 (configs/base/tiny.yaml);
 4. generate clips for the held-out (colour, shape, direction) combinations that `ulvideo data synth`
    never renders, with training-style captions and with paraphrases made of words absent from every
-   training caption; score colour / shape / direction with `ulvideo.data.shapes.measure_clip`.
+   training caption; score colour / shape / direction with `ulvideo.data.shapes.measure_clip` (its
+   shape rule, written into the result as `shape_rule`: a shape only with a clear margin over the
+   others and over a round blob, else "unknown", which never matches).
 Also reports the stage-1 prior's bits vs the base model's unweighted ELBO (null condition, and
 conditional) on held-out latents, and the measurer's scores on stage-1 reconstructions of the same
 specs rendered (`stage1_reconstruction`: what the decoder makes of those combinations' latents).
@@ -87,9 +89,10 @@ def main() -> None:
     train_s = time.time() - t_start
 
     from ulvideo.data import build_loader
+    from ulvideo.data.shapes import (COLOURS, DIRECTIONS, SHAPE_RULE, SHAPES, SIZES, ShapeSpec, caption, measure_clip,
+                                     paraphrase, score_attributes)
     from ulvideo.eval.reports import tightness_report
     from ulvideo.generate import load_pipeline
-    from ulvideo.data.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapeSpec, caption, measure_clip, paraphrase, score_attributes
 
     pipe = load_pipeline(export1, base / "exports" / "latest.safetensors", args.decoder_logsnr_end)
     held = json.loads((data / "heldout.json").read_text())
@@ -103,19 +106,23 @@ def main() -> None:
               "steps": args.steps, "decoder_steps": args.decoder_steps, "decoder_logsnr_end": pipe.stage1.decoder_logsnr_end(pipe.decoder_logsnr_end),
               "guidance": args.guidance, "decode_from": "z0", "base_overrides": base_overrides,
               "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS)},
-              "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7},
+              "goal": {"colour": 0.9, "direction": 0.8, "shape": 0.7}, "shape_rule": SHAPE_RULE,
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
 
     def rates(batches) -> dict:
-        """Colour / shape / direction match rates over (specs, uint8 videos) batches."""
-        hits, by_shape = {"colour": [], "shape": [], "direction": []}, {}
+        """Colour / shape / direction match rates over (specs, uint8 videos) batches, and the rate of
+        clips whose shape the measurer leaves "unknown" (no clear call)."""
+        hits, by_shape, unknown = {"colour": [], "shape": [], "direction": []}, {}, []
         for part, videos in batches:
             for spec, clip in zip(part, videos):
-                s = score_attributes({k: getattr(spec, k) for k in hits}, measure_clip(clip))
+                m = measure_clip(clip)
+                s = score_attributes({k: getattr(spec, k) for k in hits}, m)
                 for k in hits:
                     hits[k].append(bool(s[k]))
+                unknown.append(m.shape == "unknown")
                 by_shape.setdefault(spec.shape, []).append(bool(s["shape"]))
         out = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+        out["shape_unknown"] = round(float(np.mean(unknown)), 4)
         out["shape_by_shape"] = {k: round(float(np.mean(v)), 4) for k, v in sorted(by_shape.items())}
         return out
 

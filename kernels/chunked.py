@@ -1,6 +1,6 @@
 """O(N)-memory attention in plain PyTorch: online softmax over key chunks, recomputing backward.
 
-Any device, any bool mask broadcastable to (B, heads, Nq, Nk), token- or block-causal. Memory is
+Any device, any bool mask broadcastable to (B, heads, Nq, Nk), token- or block-causal, banded. Memory is
 q, k, v, out, a float32 log-sum-exp per query, plus one (B, heads, block_q, block_k) score block;
 the (Nq, Nk) matrix is never formed, in the forward or the backward.
 
@@ -44,27 +44,34 @@ def _as_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
-def _block_mask(mask, causal, causal_block, qs, qe, ks, ke, device):
+def _block_mask(mask, causal, causal_block, window, qs, qe, ks, ke, device):
     """Allowed-mask for the score block [qs:qe, ks:ke], None when everything is allowed."""
     allowed = None
     if mask is not None:
         rows = slice(qs, qe) if mask.shape[-2] > 1 else slice(None)
         cols = slice(ks, ke) if mask.shape[-1] > 1 else slice(None)
         allowed = mask[..., rows, cols]
-    # Causal: the block is entirely visible when its last key's block <= its first query's block.
-    if causal and (ke - 1) // causal_block > qs // causal_block:
+    # Causal: the block is entirely visible when its last key's block <= its first query's block
+    # (and, with a window, its last query's block - its first key's block < window).
+    inside = (ke - 1) // causal_block <= qs // causal_block and (
+        window is None or (qe - 1) // causal_block - ks // causal_block < window)
+    if causal and not inside:
         qi = torch.arange(qs, qe, device=device) // causal_block
         kj = torch.arange(ks, ke, device=device) // causal_block
-        c = kj[None, :] <= qi[:, None]
+        lag = qi[:, None] - kj[None, :]
+        c = (lag >= 0) if window is None else (lag >= 0) & (lag < window)
         allowed = c if allowed is None else allowed & c
     return allowed
 
 
-def _key_end(causal, causal_block, qe, nk):
-    """Exclusive end of the keys any query in [.., qe) may see."""
+def _key_range(causal, causal_block, window, qs, qe, nk, block_k):
+    """The key chunks' starts any query in [qs, qe) may see: causal ends the range after the last
+    query's block, a window starts it at the first query's block - window + 1 (chunk-aligned)."""
     if not causal:
-        return nk
-    return min(nk, ((qe - 1) // causal_block + 1) * causal_block)
+        return range(0, nk, block_k)
+    end = min(nk, ((qe - 1) // causal_block + 1) * causal_block)
+    start = 0 if window is None else max(0, (qs // causal_block - window + 1) * causal_block)
+    return range(start // block_k * block_k, end, block_k)
 
 
 class _Workspace:
@@ -87,7 +94,7 @@ class _Workspace:
         return out.copy_(torch.matmul(a, b))
 
 
-def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
+def _forward(q, k, v, mask, causal, causal_block, window, scale, block_q, block_k):
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     ws = _Workspace(1, b * h * min(nq, block_q) * min(nk, block_k), q.device)
@@ -99,10 +106,10 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
         m = torch.full((b, h, qe - qs, 1), float("-inf"), device=q.device)
         l = torch.zeros((b, h, qe - qs, 1), device=q.device)
         acc = torch.zeros((b, h, qe - qs, d), device=q.device)
-        for ks in range(0, _key_end(causal, causal_block, qe, nk), block_k):
+        for ks in _key_range(causal, causal_block, window, qs, qe, nk, block_k):
             ke = min(nk, ks + block_k)
             s = ws.matmul(0, qc, k[:, :, ks:ke].transpose(-1, -2))  # (B, nh, bq, bk)
-            allowed = _block_mask(mask, causal, causal_block, qs, qe, ks, ke, q.device)
+            allowed = _block_mask(mask, causal, causal_block, window, qs, qe, ks, ke, q.device)
             if allowed is not None:
                 s.masked_fill_(~allowed, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
@@ -120,7 +127,7 @@ def _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k):
     return out, lse
 
 
-def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, block_q, block_k):
+def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, window, scale, block_q, block_k):
     b, h, nq, _ = q.shape
     nk = k.shape[-2]
     ws = _Workspace(2, b * h * min(nq, block_q) * min(nk, block_k), q.device)
@@ -134,11 +141,11 @@ def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, bl
         lse_c = lse[:, :, qs:qe]
         # D_i = rowsum(dO ∘ O) (FlashAttention-2, Alg. 2 line 4), per chunk to stay O(chunk).
         delta_c = (doc.float() * out[:, :, qs:qe].float()).sum(dim=-1, keepdim=True)
-        for ks in range(0, _key_end(causal, causal_block, qe, nk), block_k):
+        for ks in _key_range(causal, causal_block, window, qs, qe, nk, block_k):
             ke = min(nk, ks + block_k)
             kc, vc = k[:, :, ks:ke], v[:, :, ks:ke]
             s = ws.matmul(0, q_scaled, kc.transpose(-1, -2))
-            allowed = _block_mask(mask, causal, causal_block, qs, qe, ks, ke, q.device)
+            allowed = _block_mask(mask, causal, causal_block, window, qs, qe, ks, ke, q.device)
             if allowed is not None:
                 s.masked_fill_(~allowed, float("-inf"))
             p = s.sub_(lse_c).exp_()  # P recomputed from the saved logsumexp
@@ -152,12 +159,12 @@ def _backward(q, k, v, out, lse, grad_out, mask, causal, causal_block, scale, bl
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, causal_block, scale, block_q, block_k):
+    def forward(ctx, q, k, v, mask, causal, causal_block, window, scale, block_q, block_k):
         # Precision follows the input dtype (float32 accumulators), not an enclosing autocast.
         with torch.autocast(q.device.type, enabled=False):
-            out, lse = _forward(q, k, v, mask, causal, causal_block, scale, block_q, block_k)
+            out, lse = _forward(q, k, v, mask, causal, causal_block, window, scale, block_q, block_k)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.args = (causal, causal_block, scale, block_q, block_k)
+        ctx.args = (causal, causal_block, window, scale, block_q, block_k)
         return out
 
     @staticmethod
@@ -166,7 +173,7 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v, out, lse, mask = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
             dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def chunked_attention(
@@ -177,11 +184,13 @@ def chunked_attention(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     causal_block: int = 1,
+    window: int | None = None,
     scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> torch.Tensor:
-    """Attention over (B, heads, N, head_dim) tensors in O(N) memory; see the module docstring."""
+    """Attention over (B, heads, N, head_dim) tensors in O(N) memory; see the module docstring.
+    `window` (with `causal`): block(i) - block(j) < window too; key chunks outside the band are skipped."""
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -190,4 +199,4 @@ def chunked_attention(
     block_k = block_k or dk_
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be >= 1, got {block_q}, {block_k}")
-    return _ChunkedAttention.apply(q, k, v, _as_4d(mask), causal, causal_block, scale, block_q, block_k)
+    return _ChunkedAttention.apply(q, k, v, _as_4d(mask), causal, causal_block, window, scale, block_q, block_k)

@@ -10,8 +10,9 @@ import math
 import torch
 
 
-def causal_allowed(nq: int, nk: int, causal_block: int, device=None) -> torch.Tensor:
-    """(Nq, Nk) bool, True where query i may attend key j: block(j) <= block(i), block = index // causal_block.
+def causal_allowed(nq: int, nk: int, causal_block: int, device=None, window: int | None = None) -> torch.Tensor:
+    """(Nq, Nk) bool, True where query i may attend key j: block(j) <= block(i), block = index // causal_block,
+    and with a `window` of W blocks also block(i) - block(j) < W (banded: blocks block(i) - W + 1 .. block(i)).
 
     Top-left aligned like `torch.nn.functional.scaled_dot_product_attention(is_causal=True)`:
     query 0 sees key 0, whatever Nk is. causal_block = 1 is token-causal; causal_block = tokens per
@@ -19,13 +20,15 @@ def causal_allowed(nq: int, nk: int, causal_block: int, device=None) -> torch.Te
     """
     qi = torch.arange(nq, device=device) // causal_block
     kj = torch.arange(nk, device=device) // causal_block
-    return kj[None, :] <= qi[:, None]
+    lag = qi[:, None] - kj[None, :]
+    return (lag >= 0) if window is None else (lag >= 0) & (lag < window)
 
 
-def dense_mask(mask: torch.Tensor | None, causal: bool, causal_block: int, nq: int, nk: int, device) -> torch.Tensor | None:
-    """Combine a broadcastable bool mask and the causal rule into one bool mask (None if neither)."""
+def dense_mask(mask: torch.Tensor | None, causal: bool, causal_block: int, nq: int, nk: int, device,
+               window: int | None = None) -> torch.Tensor | None:
+    """Combine a broadcastable bool mask and the (banded) causal rule into one bool mask (None if neither)."""
     if causal:
-        c = causal_allowed(nq, nk, causal_block, device)
+        c = causal_allowed(nq, nk, causal_block, device, window)
         return c if mask is None else (mask & c)
     return mask
 
@@ -39,6 +42,7 @@ def naive_attention(
     causal_block: int = 1,
     scale: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + log mask) v; rows with no allowed key give 0 (not NaN).
 
@@ -49,7 +53,7 @@ def naive_attention(
         q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, nh, Nq, Nk)
-    allowed = dense_mask(mask, causal, causal_block, q.shape[-2], k.shape[-2], q.device)
+    allowed = dense_mask(mask, causal, causal_block, q.shape[-2], k.shape[-2], q.device, window)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     # A row that may attend nothing has max -inf; subtracting 0 there keeps exp at exactly 0.

@@ -40,6 +40,7 @@ def _masks(b, h, nq, nk, seed=1):
         "head_broadcast": {"mask": full[:, :1]},
         "key_padding": {"mask": key_padding_mask(pad_valid)},
         "padding_and_causal": {"mask": key_padding_mask(pad_valid), "causal": True},
+        "banded": {"causal": True, "causal_block": 3, "window": 2},
     }
 
 
@@ -59,7 +60,8 @@ def test_key_padding_mask_shape_and_errors():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", ["none", "causal", "full_mask", "head_broadcast", "key_padding", "padding_and_causal"])
+@pytest.mark.parametrize("case", ["none", "causal", "full_mask", "head_broadcast", "key_padding", "padding_and_causal",
+                                  "banded"])
 @pytest.mark.parametrize("nq,nk", [(13, 13), (7, 19)])
 def test_forward_backward_agree_with_float64_reference(backend, case, nq, nk):
     q, k, v = _qkv(nq=nq, nk=nk)
@@ -136,8 +138,30 @@ def test_auto_avoids_dense_mask_for_long_block_causal(monkeypatch):
     monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
     q = torch.empty(1, 1, 8192, 8)
     assert resolve_backend(q, q, causal=True)[0] == "sdpa"
-    assert resolve_backend(q, q, causal=True, causal_block=256)[0] == "chunked"
+    # past the dense limit: frames of >= MIN_FRAME_TOKENS tokens as one SDPA call each (on CPU;
+    # FlexAttention has no CPU backward and is slower forward), shorter frames and masks chunked
+    name, reason = resolve_backend(q, q, causal=True, causal_block=256)
+    assert name == "sdpa" and "per frame" in reason
+    assert resolve_backend(q, q, causal=True, causal_block=256, window=4)[0] == "sdpa"
+    assert resolve_backend(q, q, causal=True, causal_block=attn_mod.MIN_FRAME_TOKENS - 1)[0] == "chunked"
+    assert resolve_backend(q, q, mask=block_causal_mask(32, 256))[0] == "chunked"
     assert resolve_backend(q, q, mask=key_padding_mask(torch.ones(1, 8192, dtype=torch.bool)))[0] == "sdpa"
+
+
+def test_flex_runs_forward_only_on_cpu(monkeypatch):
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    q = torch.empty(1, 1, 64, 8)
+    assert resolve_backend(q, q, causal=True, causal_block=8, backend="flex")[0] == "flex"
+    with pytest.raises(RuntimeError, match="no CPU backward"):
+        resolve_backend(q.requires_grad_(), q, causal=True, backend="flex")
+    with pytest.raises(RuntimeError, match="no mask tensor"):
+        resolve_backend(q.detach(), q.detach(), mask=torch.ones(64, 64, dtype=torch.bool), causal=True, backend="flex")
+    try:  # configured (not an argument): falls back to auto
+        set_backend("flex")
+        name, reason = resolve_backend(q, q, causal=True)
+        assert name == "sdpa" and "fell back" in reason
+    finally:
+        set_backend(None)
 
 
 def test_chunked_precision_follows_inputs_under_autocast():
@@ -150,16 +174,19 @@ def test_chunked_precision_follows_inputs_under_autocast():
     torch.testing.assert_close(out.double(), _reference(q, k, v, causal=True), atol=2e-5, rtol=1e-4)
 
 
-def test_auto_long_block_causal_uses_chunked_and_matches_dense_sdpa(monkeypatch):
-    """Past the dense-mask limit auto runs the chunked kernel with its default (multi-chunk)
-    blocks; it must equal SDPA given the materialised block-causal mask, values and gradients."""
+@pytest.mark.parametrize("causal_block,window,expected", [(300, None, "sdpa"), (300, 3, "sdpa"), (30, 20, "chunked")])
+def test_auto_long_block_causal_matches_dense_sdpa(monkeypatch, causal_block, window, expected):
+    """Past the dense-mask limit auto runs SDPA per frame, or the chunked kernel with its default
+    (multi-chunk) blocks; either must equal SDPA given the materialised mask, values and gradients."""
     monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
     q, k, v = _qkv(b=1, h=1, nq=2100, nk=2100, d=8, seed=3)
-    assert resolve_backend(q, k, causal=True, causal_block=300)[0] == "chunked"
+    kw = {"causal": True, "causal_block": causal_block, "window": window}
+    assert resolve_backend(q, k, **kw)[0] == expected
     inp = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attention(*inp, causal=True, causal_block=300)
+    out = attention(*inp, **kw)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=block_causal_mask(7, 300))
+    mask = block_causal_mask(2100 // causal_block, causal_block, window=window)
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
     out.backward(g)
@@ -227,6 +254,7 @@ def _triton_interpreter_checks() -> dict:
         "none": (nq, nk, {}, torch.float32),
         "causal": (nq, nq, {"causal": True}, torch.float32),
         "block_causal": (nq + 3, nq + 3, {"causal": True, "causal_block": 6}, torch.float32),
+        "banded": (nq + 3, nq + 3, {"causal": True, "causal_block": 6, "window": 2}, torch.float32),
         "mask_head_broadcast": (nq, nk, {"mask": full}, torch.float32),
         "key_padding_causal": (nk, nk, {"mask": key_padding_mask(pad), "causal": True}, torch.float32),
         "float16": (nq, nk, {"causal": True}, torch.float16),
@@ -258,7 +286,7 @@ def test_triton_kernels_under_interpreter():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(report) == 6
+    assert len(report) == 7
     for name, errs in report.items():
         assert errs["backend"] == "triton", name
         tol = 5e-3 if errs["dtype"] == "torch.float16" else 2e-5

@@ -11,7 +11,7 @@ from ulvideo.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ulvideo"
-SCHEMA_FILES = {PACKAGE / "config.py", PACKAGE / "config_docs.py"}
+SCHEMA_FILES = {PACKAGE / "config.py", PACKAGE / "config_checks.py", PACKAGE / "config_docs.py"}
 SECTION_CLASSES = {type(getattr(Config(), f.name)).__name__: f.name for f in dataclasses.fields(Config)
                    if dataclasses.is_dataclass(getattr(Config(), f.name))}
 SECTIONS = set(SECTION_CLASSES.values())

@@ -16,7 +16,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-GPU_BACKENDS = ["sdpa", "chunked", "triton", "xformers", "naive"]
+GPU_BACKENDS = ["sdpa", "flex", "chunked", "triton", "xformers", "naive"]
+STRUCTURED = ("causal", "block_causal", "banded")  # the cases flex takes (causal, no mask tensor)
 # Max error relative to the reference's largest magnitude. 16-bit inputs are compared with a
 # float64 reference computed from the same rounded inputs, so only kernel round-off remains.
 REL_TOL = {torch.float32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -35,6 +36,8 @@ def _case(name, b, h, nq, nk, device):
         return {"causal": True}
     if name == "block_causal":
         return {"causal": True, "causal_block": 50}
+    if name == "banded":
+        return {"causal": True, "causal_block": 50, "window": 2}
     if name == "mask":
         m = torch.rand(b, 1, nq, nk, generator=g) > 0.3
         m[0, 0, 7] = False  # a row with no allowed key
@@ -52,14 +55,16 @@ def _rel_err(a, r):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["none", "causal", "block_causal", "mask", "key_padding_causal"])
+@pytest.mark.parametrize("case", ["none", "causal", "block_causal", "banded", "mask", "key_padding_causal"])
 @pytest.mark.parametrize("nq,nk,d", [(200, 200, 64), (150, 333, 40)])
 def test_backend_agrees_with_reference_on_cuda(backend, dtype, case, nq, nk, d):
     _usable(backend)
     if backend == "xformers" and dtype == torch.float32 and d % 8:
         pytest.skip("xformers float32 kernels want head_dim % 8 == 0")  # not a dispatcher path
+    if backend == "flex" and case not in STRUCTURED:
+        pytest.skip("flex takes causal, block-causal and banded masks only")
     b, h = 2, 4
-    if case in ("causal", "block_causal", "key_padding_causal"):
+    if case in ("causal", "block_causal", "banded", "key_padding_causal"):
         nk = nq
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, generator=g).to("cuda", dtype) for n in (nq, nk, nk))
@@ -81,7 +86,7 @@ def test_backend_agrees_with_reference_on_cuda(backend, dtype, case, nq, nk, d):
         assert torch.count_nonzero(out[0, :, 7]) == 0
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "flex", "sdpa"])
 def test_long_block_causal_stays_linear_in_memory(backend):
     """16k tokens, block-causal: a dense score matrix alone would be 8·16384²·2 B = 4 GiB."""
     _usable(backend)

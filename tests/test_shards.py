@@ -207,6 +207,6 @@ def test_training_from_shards_resumes_exactly(tmp_path):
     second = R.train(split, tmp_path / "wds", "--train.steps=4", *common)
     assert "(step 2)" in second.stderr
     a, b = (R.state_json(r / "checkpoints" / "step_00000004") for r in (straight, split))
-    assert a == b
+    assert {**a, "files": None} == {**b, "files": None}  # file sizes depend on the run directory's name
     ea, eb = (load_file(str(r / "exports" / "latest.safetensors")) for r in (straight, split))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)

@@ -6,28 +6,38 @@ Tensor convention (stated once, here): q is (B, heads, Nq, head_dim), k and v ar
 attend. `causal=True` allows key j for query i iff block(j) <= block(i) with
 block = index // causal_block, top-left aligned as in torch SDPA's `is_causal`; causal_block = 1 is
 token-causal, causal_block = tokens_per_frame is block-causal in time without materialising a
-(N, N) mask (same result as `mask=block_causal_mask(...)`). A query row with no allowed key gets
-output 0 and zero gradient on every backend (never NaN).
+(N, N) mask (same result as `mask=block_causal_mask(...)`); `window=W` (with causal) also requires
+block(i) - block(j) < W: a band of W frames (same as `block_causal_mask(..., window=W)`). A query
+row with no allowed key gets output 0 and zero gradient on every backend (never NaN).
 
 Backends (all agree with `ulvideo.kernels.reference.naive_attention` in tests):
-  sdpa      torch.nn.functional.scaled_dot_product_attention (fused flash / memory-efficient
-            kernels on CUDA and CPU when no mask, a materialised mask otherwise)
+  sdpa      torch.nn.functional.scaled_dot_product_attention: fused flash / memory-efficient
+            kernels on CUDA and CPU when no mask; block-causal and banded masks past the dense-mask
+            limit as one unmasked call per query frame over its contiguous key range
+            (`ulvideo.kernels.frames`, O(N) memory); a materialised mask otherwise
+  flex      FlexAttention with a block mask built once per shape (`ulvideo.kernels.flex`):
+            token-, block-causal and banded masks, fully masked blocks skipped; compiled; forward
+            and backward on CUDA, forward only on CPU (torch 2.13)
   chunked   O(N)-memory online-softmax PyTorch implementation with a chunk-recomputing backward,
-            any device, arbitrary masks (`ulvideo.kernels.chunked`)
+            any device, arbitrary masks (`ulvideo.kernels.chunked`); the reference of the others
   triton    Triton flash-attention forward + backward (CUDA; CPU only under TRITON_INTERPRET=1)
   xformers  xformers.ops.memory_efficient_attention (CUDA with xformers installed)
   naive     the O(N²) reference (tests and benchmarks)
+(triton and xformers take a window as a materialised mask.)
 
 Choice, first match wins: the `backend=` argument; the environment variable ULVIDEO_ATTENTION;
 `set_backend(...)` (training calls it with `train.attention_backend`); otherwise "auto":
 SDPA whenever it needs no large dense mask (no mask, token-causal, or a mask with at most
-`DENSE_MASK_LIMIT` elements), else the O(N)-memory chunked kernel. Auto never picks Triton or
-xformers: they are opt-in (argument, env var or config) until `benchmarks/gpu_check.py` has passed
-on the GPU in question. The backend chosen is logged once per (backend, device type, reason).
+`DENSE_MASK_LIMIT` elements). Past that limit, block-causal and banded masks go to FlexAttention
+on CUDA and to SDPA per frame elsewhere (on CPU FlexAttention has no backward, and its forward is
+slower than SDPA per frame: benchmarks/attention.py), frames of fewer than `MIN_FRAME_TOKENS`
+tokens and any other mask to the chunked kernel. Auto never picks Triton or xformers: they are opt-in
+(argument, env var or config) until `benchmarks/gpu_check.py` has passed on the GPU in question.
+The backend chosen is logged once per (backend, device type, reason), in eager calls (a compiled
+network makes the same choice while it is traced).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import math
@@ -52,7 +62,7 @@ __all__ = [
     "set_backend",
 ]
 
-BACKENDS = ("auto", "sdpa", "chunked", "triton", "xformers", "naive")
+BACKENDS = ("auto", "sdpa", "flex", "chunked", "triton", "xformers", "naive")
 ENV_VAR = "ULVIDEO_ATTENTION"
 # A dense (Nq, Nk) mask larger than this is where auto stops using SDPA-with-mask (SDPA's
 # memory then grows as N²) and switches to the chunked kernel, which never materialises it and
@@ -60,6 +70,9 @@ ENV_VAR = "ULVIDEO_ATTENTION"
 # with 256 tokens per frame (benchmarks/attention.py --mask block_causal): chunked was 0.94x
 # SDPA's speed at 2048 tokens, 1.4x at 4096 (with 0.3x its peak memory), 3.8x at 16384.
 DENSE_MASK_LIMIT = 1 << 22
+# Past the limit, frames of at least this many tokens run as one SDPA call each; shorter frames
+# would make many calls too small for the fused kernel, and go to the chunked kernel instead.
+MIN_FRAME_TOKENS = 64
 
 log = logging.getLogger(__name__)
 _configured: str | None = None
@@ -123,13 +136,19 @@ def get_backend() -> str:
     return _configured or "auto"
 
 
-@functools.cache
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+# Looked up once at import (no import of the packages themselves): a compiled network's trace
+# reads these instead of calling importlib.
+_INSTALLED = {name: importlib.util.find_spec(name) is not None for name in ("triton", "xformers")}
+try:
+    import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+
+    _INSTALLED["flex"] = True
+except ImportError:
+    _INSTALLED["flex"] = False
 
 
 def _triton_usable(device: torch.device) -> bool:
-    if not _installed("triton"):
+    if not _INSTALLED["triton"]:
         return False
     if device.type == "cuda":
         return True
@@ -139,13 +158,21 @@ def _triton_usable(device: torch.device) -> bool:
 
 def _xformers_usable(device: torch.device) -> bool:
     # xformers has no CPU kernels; only look for it where it could run.
-    return device.type == "cuda" and _installed("xformers")
+    return device.type == "cuda" and _INSTALLED["xformers"]
+
+
+def _flex_usable(device: torch.device) -> bool:
+    # compiled through Triton on CUDA, through inductor's C++ backend on CPU
+    return _INSTALLED["flex"] and (device.type == "cpu" or (device.type == "cuda" and _INSTALLED["triton"]))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` in this process (not counting "auto")."""
+    """Backends that can run on `device` in this process (not counting "auto"); flex runs on CPU
+    without gradients only (see `resolve_backend`)."""
     device = torch.device(device)
     names = ["sdpa", "chunked", "naive"]
+    if _flex_usable(device):
+        names.append("flex")
     if _triton_usable(device):
         names.append("triton")
     if _xformers_usable(device):
@@ -153,18 +180,36 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def _dense_mask_elements(mask: torch.Tensor | None, causal: bool, causal_block: int, nq: int, nk: int) -> int:
-    """Elements of the mask SDPA would have to be given (0 when it needs none)."""
-    if causal and (causal_block > 1 or mask is not None):
+def _dense_mask_elements(mask: torch.Tensor | None, causal: bool, causal_block: int, nq: int, nk: int,
+                         window: int | None = None) -> int:
+    """Elements of the mask SDPA would have to be given as a tensor (0 when it needs none)."""
+    if causal and (causal_block > 1 or window is not None or mask is not None):
         lead = 1 if mask is None else math.prod(mask.shape[:-2]) if mask.dim() > 2 else 1
         return lead * nq * nk
     return 0 if mask is None else mask.numel()
 
 
-def resolve_backend(q, k, mask=None, causal=False, causal_block=1, backend=None) -> tuple[str, str]:
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _cannot_run(name: str, q, k, v, mask, causal) -> str | None:
+    """Why backend `name` cannot run this call (None: it can)."""
+    usable = available_backends(q.device)
+    if name not in usable:
+        return f"not usable on {q.device.type} here (usable: {usable})"
+    if name == "flex":
+        if mask is not None or not causal:
+            return "flex takes token-, block-causal and banded masks only (no mask tensor)"
+        if q.device.type == "cpu" and _needs_grad(q, k, v):
+            return "FlexAttention has no CPU backward in this torch"
+    return None
+
+
+def resolve_backend(q, k, mask=None, causal=False, causal_block=1, backend=None, window=None, v=None) -> tuple[str, str]:
     """(backend, reason) for this call, following the precedence in the module docstring."""
     device = q.device
-    usable = available_backends(device)
+    v = k if v is None else v
     source = "argument"
     requested = backend
     if requested is None:
@@ -173,18 +218,25 @@ def resolve_backend(q, k, mask=None, causal=False, causal_block=1, backend=None)
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
     if requested != "auto":
-        if requested in usable:
+        why = _cannot_run(requested, q, k, v, mask, causal)
+        if why is None:
             return requested, f"requested by {source}"
-        msg = f"attention backend {requested!r} is not usable on {device.type} here (usable: {usable})"
+        msg = f"attention backend {requested!r} cannot run this call: {why}"
         if source == "argument":
             raise RuntimeError(msg)
         reason = msg + "; fell back to auto"
     else:
         reason = "auto"
-    dense = _dense_mask_elements(mask, causal, causal_block, q.shape[-2], k.shape[-2])
+    dense = _dense_mask_elements(mask, causal, causal_block, q.shape[-2], k.shape[-2], window)
     if dense <= DENSE_MASK_LIMIT:
         return "sdpa", reason + (f": mask of {dense} elements" if dense else ": no dense mask needed")
-    return "chunked", reason + f": a dense mask would have {dense} > {DENSE_MASK_LIMIT} elements"
+    past = f": a dense mask would have {dense} > {DENSE_MASK_LIMIT} elements"
+    if mask is None:  # block-causal or banded: structured, no mask tensor needed
+        if device.type == "cuda" and _cannot_run("flex", q, k, v, mask, causal) is None:
+            return "flex", reason + past + "; FlexAttention with a block mask"
+        if causal_block >= MIN_FRAME_TOKENS:
+            return "sdpa", reason + past + "; one SDPA call per frame"
+    return "chunked", reason + past
 
 
 def _log_once(name: str, device: torch.device, reason: str) -> None:
@@ -194,7 +246,7 @@ def _log_once(name: str, device: torch.device, reason: str) -> None:
         log.info("attention backend %s on %s (%s)", name, device.type, reason)
 
 
-def _check(q, k, v, mask, causal_block) -> None:
+def _check(q, k, v, mask, causal, causal_block, window) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, heads, N, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
@@ -203,6 +255,9 @@ def _check(q, k, v, mask, causal_block) -> None:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if causal_block < 1:
         raise ValueError(f"causal_block must be >= 1, got {causal_block}")
+    check_window(window)
+    if window is not None and not causal:
+        raise ValueError("a window needs causal=True (it bands the causal rule)")
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool (True = may attend), got {mask.dtype}")
@@ -214,10 +269,15 @@ def _check(q, k, v, mask, causal_block) -> None:
             raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to (B, heads, Nq, Nk)") from e
 
 
-def _sdpa(q, k, v, mask, causal, causal_block, scale):
-    if mask is None and (not causal or causal_block == 1):
+def _sdpa(q, k, v, mask, causal, causal_block, window, scale):
+    if mask is None and (not causal or (causal_block == 1 and window is None)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    allowed = dense_mask(mask, causal, causal_block, q.shape[-2], k.shape[-2], q.device)
+    nq, nk = q.shape[-2], k.shape[-2]
+    if mask is None and _dense_mask_elements(None, causal, causal_block, nq, nk, window) > DENSE_MASK_LIMIT:
+        from ulvideo.kernels.frames import frames_attention
+
+        return frames_attention(q, k, v, causal_block=causal_block, window=window, scale=scale)
+    allowed = dense_mask(mask, causal, causal_block, nq, nk, q.device, window)
     # Kernels differ on rows with no allowed key (0 on some, NaN on others, NaN gradients that leak
     # into dK/dV). Let such rows attend everything, then zero their output: 0, and no gradient.
     has_key = allowed.any(dim=-1, keepdim=True)
@@ -233,21 +293,29 @@ def attention(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     causal_block: int = 1,
+    window: int | None = None,
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale, masked) v -> (B, heads, Nq, head_dim); scale defaults to head_dim^-1/2."""
-    _check(q, k, v, mask, causal_block)
-    name, reason = resolve_backend(q, k, mask, causal, causal_block, backend)
-    _log_once(name, q.device, reason)
+    _check(q, k, v, mask, causal, causal_block, window)
+    name, reason = resolve_backend(q, k, mask, causal, causal_block, backend, window, v)
+    if not torch.compiler.is_compiling():  # logging would break a compiled graph
+        _log_once(name, q.device, reason)
     if name == "sdpa":
-        return _sdpa(q, k, v, mask, causal, causal_block, scale)
+        return _sdpa(q, k, v, mask, causal, causal_block, window, scale)
     if name == "naive":
-        return naive_attention(q, k, v, mask, causal, causal_block, scale)
+        return naive_attention(q, k, v, mask, causal, causal_block, scale, window=window)
     if name == "chunked":
         from ulvideo.kernels.chunked import chunked_attention
 
-        return chunked_attention(q, k, v, mask=mask, causal=causal, causal_block=causal_block, scale=scale)
+        return chunked_attention(q, k, v, mask=mask, causal=causal, causal_block=causal_block, window=window, scale=scale)
+    if name == "flex":
+        from ulvideo.kernels.flex import flex_causal_attention
+
+        return flex_causal_attention(q, k, v, causal_block=causal_block, window=window, scale=scale)
+    if window is not None:  # the CUDA kernels below take the band as a materialised mask
+        mask, causal = dense_mask(mask, causal, causal_block, q.shape[-2], k.shape[-2], q.device, window), False
     if name == "triton":
         from ulvideo.kernels.triton_flash import triton_attention
 

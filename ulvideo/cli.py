@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-from", choices=["z0", "clean"], default="z0",
                    help="decode the sampled z0, or alpha0 times the final clean prediction")
     g.add_argument("--batch-size", type=int, default=8, help="clips generated per forward pass")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks (inductor): faster after a one-time compile of ~1-2 min per shape on CPU")
     g.add_argument("--out", required=True, help="output .mp4 or .gif (a directory when several prompts)")
     g.set_defaults(run=cmd_generate)
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-frames", type=int, default=None,
                    help="frames to encode (1 + 4k); default: --input, the whole file; --data, the config's clip length")
     e.add_argument("--batch-size", type=int, default=8, help="clips encoded per forward pass (--data)")
+    e.add_argument("--compile", action="store_true", help="torch.compile the networks (inductor): faster after a one-time compile of ~1-2 min per shape on CPU")
     e.add_argument("--shard-size", type=int, default=256, help="latent clips per shard file (--data)")
     e.add_argument("--text-encoder", default=None, help="cache text embeddings with this encoder (default: the config's)")
     e.add_argument("--chunk", type=int, default=None,
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop sampling at this logSNR and keep the clean prediction there; must lie in "
                         "(decoder.logsnr_min, decoder.logsnr_max] (default: logsnr_max)")
     d.add_argument("--seed", type=int, default=0, help="all noise (z0's and the sampler's) is drawn per frame from it")
+    d.add_argument("--compile", action="store_true", help="torch.compile the networks (inductor): faster after a one-time compile of ~1-2 min per shape on CPU")
     d.add_argument("--latent-noise", choices=["sample", "mean"], default="sample",
                    help="z0 = alpha0 z_clean + sigma0 eps (sample, as in training) or alpha0 z_clean (mean)")
     d.add_argument("--chunk", type=int, default=None,
@@ -201,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--size", default="1GB", help="largest shard (e.g. 1GB, 256MB, 512MiB)")
     dp.add_argument("--seed", type=int, default=0, help="seeds the sample order (shards are read in order)")
     dp.set_defaults(run=_lazy("data.pack", "main"))
+    from ulvideo.cli_io import OVERWRITE_HELP  # no torch: --help stays fast
+
+    for writer in (g, e, d, fr, fc, dc):
+        writer.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p
 
 
@@ -215,13 +222,15 @@ def _tiling(args):
 
 
 def cmd_encode(args) -> int:
-    from ulvideo.exports import ExportError, load_stage1
+    from ulvideo.cli_io import check_encode
+    from ulvideo.exports import load_stage1
 
-    try:
-        model = load_stage1(args.export)
-    except ExportError as e:
-        print(f"ulvideo encode: {e}", file=sys.stderr)
-        return 2
+    check_encode(args)  # arguments and outputs, before the export is loaded
+    model = load_stage1(args.export)
+    if args.compile:
+        from ulvideo.train.apply import compile_networks
+
+        compile_networks(model)
     if args.data:
         from ulvideo.data.encode import encode_dataset
 
@@ -235,41 +244,38 @@ def cmd_decode(args) -> int:
     """`ulvideo decode`: one decoder path (`streaming.decode`); with or without --chunk / --tile the
     same clip for the same --seed."""
     import torch
-    from safetensors.torch import load_file
 
     from ulvideo import streaming
-    from ulvideo.exports import ExportError, load_stage1
+    from ulvideo.cli_io import (InputError, check_counts, check_outputs, export_files, latent_fps, read_latent,
+                                video_outputs)
+    from ulvideo.exports import load_stage1
     from ulvideo.videoio import to_uint8, write_png_grid, write_video
 
+    outputs = video_outputs(args.out)  # the video, and the PNG sheet beside it
+    check_counts(steps=args.steps, chunk=args.chunk, tile=args.tile)
+    check_outputs(outputs, [args.input, *export_files(args.export)], args.overwrite)
+    model = load_stage1(args.export)
     try:
-        model = load_stage1(args.export)
         end = model.decoder_logsnr_end(args.logsnr_end)
-    except (ExportError, ValueError) as e:
-        print(f"ulvideo decode: {e}", file=sys.stderr)
-        return 2
-    from safetensors import safe_open
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.compile:  # the one-pass decoder; --chunk / --tile passes run eager
+        from ulvideo.train.apply import compile_networks
 
-    with safe_open(args.input, "pt") as f:
-        meta = f.metadata() or {}
-    z = load_file(args.input)["z_clean"]
-    if z.ndim == 4:
-        z = z[None]
-    if z.shape[1] != model.latent_channels:
-        print(f"ulvideo decode: {args.input} has {z.shape[1]} latent channels, the export expects {model.latent_channels}", file=sys.stderr)
-        return 2
+        compile_networks(model)
+    z, meta = read_latent(args.input, model.latent_channels)
+    fps = latent_fps(meta, args.input) or 8.0  # the source's rate, as `encode --input` recorded it
     try:
         with torch.no_grad():
             z0 = model.noisy_latent(z, args.seed, args.latent_noise)
             clip = streaming.decode(model, z0, args.chunk, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                     tiling=_tiling(args), logsnr_end=end)
-    except ValueError as e:  # a chunk or tile size the clip cannot take: raised before any network runs
-        print(f"ulvideo decode: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a chunk, tile or latent size the decoder cannot take: raised before any network runs
+        raise InputError(str(e)) from None
     video = to_uint8(clip)[0]
-    fps = float(meta.get("fps") or 0) or 8.0  # the source's rate, as `encode --input` recorded it
-    write_video(args.out, video, fps=fps)
-    if not args.out.endswith(".png"):
-        write_png_grid(Path(args.out).with_suffix(".png"), [video])
+    write_video(outputs[0], video, fps=fps)
+    if len(outputs) > 1:
+        write_png_grid(outputs[1], [video])
     print(json.dumps({"out": args.out, "frames": video.shape[0], "fps": fps, "steps": args.steps, "sampler": args.sampler,
                       "logsnr_end": end, "latent_noise": args.latent_noise, "seed": args.seed, "chunk": args.chunk,
                       "tile": args.tile}))
@@ -279,27 +285,43 @@ def cmd_decode(args) -> int:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from ulvideo.generate import load_pipeline, read_input
+    from ulvideo.cli_io import (InputError, check_counts, check_finite, check_outputs, clip_outputs, export_files,
+                                long_prompts, read_prompts)
+    from ulvideo.generate import check_request, load_pipeline, read_input
+    from ulvideo.videoio import VideoError, write_png_grid, write_video
 
-    from ulvideo.videoio import write_png_grid, write_video
-
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    check_counts(steps=args.steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size,
+                 num_frames=args.num_frames)
+    check_finite(guidance=args.guidance)
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    labels = list(args.label)
+    if prompts and labels and len(prompts) != len(labels):
+        raise InputError(f"{len(prompts)} prompts and {len(labels)} labels: give one label per prompt, or only one kind")
+    n = max(len(prompts), len(labels), 1)
+    files = clip_outputs(args.out, n)  # per clip: the video, and the PNG sheet beside it
+    inputs = [*export_files(args.export), *export_files(args.base), args.prompts, args.context]
+    check_outputs([f for clip in files for f in clip], inputs, args.overwrite)
     try:
         pipe = load_pipeline(args.export, args.base, args.decoder_logsnr_end)
-    except Exception as e:  # missing text encoder, mismatched exports, a bad stop logSNR: one clear line
-        print(f"ulvideo generate: {e}", file=sys.stderr)
-        return 2
-    labels = list(args.label)
-    n = max(len(prompts), len(labels), 1)
+    except ValueError as e:  # a stop logSNR outside the decoder's schedule
+        raise InputError(str(e)) from None
+    if args.compile:
+        from ulvideo.train.apply import compile_networks
+
+        compile_networks(pipe.stage1)
+        compile_networks(pipe.base)
     context = None
     if args.context:
-        context = read_input(args.context, None, pipe.base_cfg)
-    out = Path(args.out)
-    several = n > 1
-    if several:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            context = read_input(args.context, None, pipe.base_cfg)
+        except (VideoError, ValueError) as e:
+            raise InputError(f"--context {args.context}: {e}") from None
+    try:
+        check_request(pipe, prompts, labels, args.num_frames, context)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    for line in long_prompts(pipe.text, prompts):
+        print(f"ulvideo generate: {line}", file=sys.stderr)
     bar = tqdm(total=n, desc="generate")
     index = 0
     for start in range(0, n, args.batch_size):
@@ -310,9 +332,9 @@ def cmd_generate(args) -> int:
                       decoder_steps=args.decoder_steps, sampler=args.sampler, guidance=args.guidance,
                       context=ctx, decode_from=args.decode_from, decoder_sampler=args.decoder_sampler)
         for v in videos:
-            path = out / f"sample_{index:04d}.mp4" if several else out
-            write_video(path, v)
-            write_png_grid(Path(path).with_suffix(".png"), [v])
+            write_video(files[index][0], v)
+            if len(files[index]) > 1:
+                write_png_grid(files[index][1], [v])
             index += 1
             bar.update(1)
     bar.close()
@@ -320,33 +342,55 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    """`ulvideo train CONFIG --run-dir DIR [--a.b=v ...]`: status 2 for a bad setting (before any
-    process group starts), 3 when non-finite steps stopped the run."""
+    """`ulvideo train CONFIG --run-dir DIR [--a.b=v ...]`. Exit status: 0 done (or stopped by SIGTERM
+    after saving); 2 a bad setting, the run dir in use by another trainer, or no intact checkpoint
+    to resume (all before any process group starts); 3 non-finite steps stopped the run; 4 a
+    checkpoint or export could not be written (a full disk), the previous checkpoint kept."""
     import logging
     import os
 
     from ulvideo.config import ConfigError, load_config
     from ulvideo.exports import ExportError
-    from ulvideo.train.loop import NonFiniteError, Trainer, preflight_all, world_size_from_env
+    from ulvideo.train.checkpoint import CheckpointError, SaveError
+    from ulvideo.train.loop import NonFiniteError, Trainer, find_start, preflight_all, world_size_from_env
+    from ulvideo.train.rundir import RunLock, RunLocked
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     first = os.environ.get("RANK", "0") == "0"
+    warn = logging.getLogger("ulvideo.train").warning if first else (lambda line: None)
     # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
     overrides = [o for o in args.overrides if not o.startswith("--local_rank=")]
     run_dir = Path(args.run_dir)
+    lock = None
     try:
         cfg = load_config(args.config, overrides)
         preflight_all(cfg, run_dir, world_size_from_env())  # before any process group starts
-    except (ConfigError, ExportError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if first:  # rank 0 holds the run dir; the other ranks of a refused launch are ended by the launcher
+            lock = RunLock.acquire(run_dir, warn)
+        start = find_start(cfg, run_dir, warn)
+    except (ConfigError, ExportError, CheckpointError, RunLocked, FileNotFoundError, ValueError, RuntimeError) as e:
+        if lock is not None:
+            lock.release()
         if first:
-            print(f"ulvideo train: {e}", flush=True)
+            print(f"ulvideo train: {e}", file=sys.stderr, flush=True)
         return 2
     try:
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, start)
         finished = trainer.fit()
-    except NonFiniteError as e:
-        print(f"ulvideo train: {e}", flush=True)
+    except NonFiniteError as e:  # every rank agrees on the refused steps
+        if first:
+            print(f"ulvideo train: {e}", file=sys.stderr, flush=True)
         return 3
+    except SaveError as e:  # on whichever rank failed to write; the launcher ends the others
+        from ulvideo.train.checkpoint import latest_tag
+
+        kept = latest_tag(run_dir / "checkpoints")
+        print(f"ulvideo train: {e}; the latest complete checkpoint is "
+              f"{run_dir / 'checkpoints' / kept if kept else 'none'}", file=sys.stderr, flush=True)
+        return 4
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.is_main:
         what = "done" if finished else "stopped (SIGTERM)"
         print(f"{what}: step {trainer.step}\n" + "\n".join(f"  {line}" for line in _written(run_dir, cfg)), flush=True)
@@ -403,6 +447,9 @@ def cmd_scan(args) -> int:
         print(f"ulvideo data scan: --out {out}: use .parquet, .csv or .jsonl (a manifest) or .json (a report)",
               file=sys.stderr)
         return 2
+    from ulvideo.cli_io import check_outputs
+
+    check_outputs([out], [], args.overwrite)  # an unfinished scan's journal is beside it, not it
     try:
         report = scan(args.dir, backend=args.backend, threads=args.threads, out=out)
     except FileNotFoundError as e:
@@ -442,8 +489,11 @@ def _fvd_progress(total: int, desc: str):
 
 def cmd_fvd_ref(args) -> int:
     """`ulvideo fvd ref`: statistics of real videos under a preset."""
+    from ulvideo.cli_io import check_counts, check_outputs
     from ulvideo.eval import fvd
 
+    check_counts(batch_size=args.batch_size)
+    check_outputs([args.out], [args.weights], args.overwrite)
     try:
         plan = fvd.plan_reference(args.data, args.preset, args.mirror)
         ext = fvd.load_extractor(plan.protocol, args.weights, args.i3d_sha256, _fvd_device(args.device), args.batch_size)
@@ -471,8 +521,14 @@ def _fvd_pipeline(args):
 
 def cmd_fvd_calc(args) -> int:
     """`ulvideo fvd calc`: score a folder of generated videos, or clips streamed from a pipeline."""
+    from ulvideo.cli_io import check_counts, check_finite, check_outputs, export_files, long_prompts, read_prompts
     from ulvideo.eval import fvd
 
+    check_counts(batch_size=args.batch_size, steps=args.steps, decoder_steps=args.decoder_steps)
+    check_finite(guidance=args.guidance)
+    if args.out:
+        check_outputs([args.out], [args.ref, args.prompts, args.weights, *export_files(args.export),
+                                   *export_files(args.base)], args.overwrite)
     sampling = {"steps": args.steps, "decoder_steps": args.decoder_steps, "sampler": args.sampler,
                 "guidance": args.guidance}
     try:
@@ -485,9 +541,7 @@ def cmd_fvd_calc(args) -> int:
             raise fvd.FVDInputError(f"{p.name} needs {p.context_frames} real context frames per clip; generate with "
                                     "`ulvideo generate --context` and score the folder with --videos")
         else:
-            prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-            if not prompts:
-                raise fvd.FVDInputError(f"no prompts in {args.prompts}")
+            prompts = read_prompts(args.prompts)
         ext = fvd.load_extractor(p, args.weights, args.i3d_sha256, _fvd_device(args.device), args.batch_size)
         if ext.weights["sha256"] != meta["weights"]["sha256"]:
             raise fvd.FVDInputError(f"weights {ext.weights['sha256']} differ from the reference's "
@@ -498,6 +552,8 @@ def cmd_fvd_calc(args) -> int:
                 gen, source = fvd.folder_statistics(args.videos, ext, tick, planned)
         else:
             pipe = _fvd_pipeline(args)
+            for line in long_prompts(getattr(pipe, "text", None), prompts):  # None: no text encoder
+                print(f"ulvideo fvd calc: {line}", file=sys.stderr)
             bar, tick = _fvd_progress(p.num_gen, f"fvd calc {p.name}")
             with bar:
                 gen = fvd.pipeline_statistics(pipe, prompts, ext, args.seed, args.batch_size, sampling, tick)
@@ -511,12 +567,18 @@ def cmd_fvd_calc(args) -> int:
     line = json.dumps(result)
     print(line)
     if args.out:
+        from ulvideo.exports import atomic_write_text
+
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
+        atomic_write_text(Path(args.out), line + "\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0: done; 2: a bad argument, config or input file, said in one line on stderr
+    before any compute where it can be known up front; 3: training stopped on non-finite steps."""
+    import os
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--") and "=" in a]
@@ -524,7 +586,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except Exception as e:
+        from ulvideo.cli_io import input_errors, one_line
+
+        if not isinstance(e, input_errors()):
+            raise
+        name = " ".join(filter(None, (args.command, getattr(args, "fvd_command", None),
+                                      getattr(args, "data_command", None))))
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"ulvideo {name}{rank}: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

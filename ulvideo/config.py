@@ -216,6 +216,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     torch_adam: bool = True  # False uses DeepSpeed's fused/CPU Adam (compiled at first use)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # torch.compile every network (inductor, one graph each, static shapes): the first step of each
+    # clip shape compiles (minutes on a small CPU; seconds with a warm cache), later steps run the
+    # fused kernels. ZeRO 0-2; weights, checkpoints and exports are those of the eager networks
+    compile: bool = False
     attention_backend: str = "auto"  # one of ulvideo.attention.BACKENDS (auto: the fastest that applies)
     # steps between log lines (metrics.jsonl, TensorBoard, the progress bar). The stop check (an
     # all-reduce and a host sync) runs only on these steps: a SIGTERM is acted on at the next one,
@@ -338,6 +342,12 @@ def merge(obj: Any, data: dict, source: str, prefix: str = "") -> Any:
     return dataclasses.replace(obj, **updates)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: what is wrong' of a YAML error, on one line."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else "") + problem
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
     """The layers of a YAML file, inherited ones first."""
     path = path.resolve()
@@ -345,8 +355,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
         raise ConfigError(f"{path}: 'inherit' cycle through {', '.join(map(str, seen))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     layers: list[tuple[dict, str]] = []
@@ -367,7 +382,11 @@ def parse_override(flag: str) -> dict:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"command line: bad override key in '{flag}'")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: the value of '{flag}' is not valid YAML ({_yaml_problem(e)}); "
+                          "quote a string, write a list as [a, b]") from None
     nested: dict = {}
     node = nested
     parts = key.split(".")
@@ -389,48 +408,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def validate(cfg: Config) -> None:
-    """Checks across keys that the types alone cannot express, before any compute starts."""
-    d = cfg.data
-    if d.num_frames < 1 or (d.num_frames - 1) % cfg.encoder.temporal_downsample:
-        raise ConfigError(
-            f"data.num_frames = {d.num_frames}: frames must be 1 + {cfg.encoder.temporal_downsample}k "
-            "(the causal encoder maps 1 + 4k frames to 1 + k latent frames)"
-        )
-    for name in ("height", "width"):
-        if getattr(d, name) % cfg.encoder.spatial_downsample:
-            raise ConfigError(
-                f"data.{name} = {getattr(d, name)} must be a multiple of encoder.spatial_downsample "
-                f"= {cfg.encoder.spatial_downsample}"
-            )
-    t = cfg.train
-    if t.micro_batch_size < 1 or t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size = {t.global_batch_size} must be a positive multiple of "
-            f"train.micro_batch_size = {t.micro_batch_size}"
-        )
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage = {t.zero_stage} must be 0, 1, 2 or 3")
-    if not cfg.ul.prior_logsnr_min < cfg.ul.latent_logsnr:
-        raise ConfigError("ul.prior_logsnr_min must be below ul.latent_logsnr")
-    if not cfg.decoder.logsnr_min < cfg.decoder.logsnr_max:
-        raise ConfigError("decoder.logsnr_min must be below decoder.logsnr_max")
-    w = cfg.decoder.temporal_window
-    if w is not None and (isinstance(w, bool) or w < 1):
-        raise ConfigError(f"decoder.temporal_window = {w}: a positive number of frames, or null (unlimited)")
-    if d.decoded_cache_mb < 0:
-        raise ConfigError(f"data.decoded_cache_mb = {d.decoded_cache_mb} must be >= 0 (0 = off)")
-    u = cfg.ul
-    if u.startup_recon_weight < 0:
-        raise ConfigError(f"ul.startup_recon_weight = {u.startup_recon_weight} must be >= 0")
-    if u.startup_recon_weight > 0 and u.rate_hold_steps + u.rate_ramp_steps == 0:
-        raise ConfigError(f"ul.startup_recon_weight = {u.startup_recon_weight} needs ul.rate_hold_steps or "
-                          "ul.rate_ramp_steps > 0: the term is on while the rate is held and fades as it ramps in")
-    if u.startup_chroma_weight <= 0:
-        raise ConfigError(f"ul.startup_chroma_weight = {u.startup_chroma_weight} must be > 0 (1 = plain squared error)")
-    if u.kl_weight < 0 or u.mse_sigma <= 0:
-        raise ConfigError(f"ul.kl_weight = {u.kl_weight} must be >= 0 and ul.mse_sigma = {u.mse_sigma} > 0")
-    if not 0.0 <= d.image_ratio <= 1.0:
-        raise ConfigError(f"data.image_ratio = {d.image_ratio} must lie in [0, 1]")
+    """Every value in its range, and the checks across keys (ulvideo/config_checks.py)."""
+    from ulvideo.config_checks import validate as check
+
+    check(cfg)
 
 
 def to_dict(cfg: Any) -> dict:

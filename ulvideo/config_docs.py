@@ -124,6 +124,16 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _typed(d: FieldDoc) -> str:
+    """The type with its range (`config_checks.RANGES`): 'int, >= 1', 'list[int] or null, each >= 2'."""
+    from ulvideo.config_checks import RANGES, describe
+
+    rule = RANGES.get(d.key)
+    if rule is None or rule == "finite":
+        return d.type
+    return f"{d.type}, {'each ' if d.type.startswith(('list', 'tuple')) else ''}{describe(rule)}"
+
+
 def markdown() -> str:
     """docs/configuration.md: one table per section (field, type, default, description)."""
     docs, sections = field_docs(), section_docs()
@@ -135,7 +145,9 @@ def markdown() -> str:
         "Every default lives in the schema. A YAML config lists only overrides and may start with",
         "`inherit: other.yaml` (a path relative to it); flags such as `--train.lr=2e-4` after the config",
         "override both. Unknown keys and values of the wrong type stop a run before it starts, naming",
-        "the key and the file or flag. Each run writes its resolved config to `RUN/config.yaml`.",
+        "the key and the file or flag. So does a number out of the range shown after its type (every",
+        "float must also be finite; `ulvideo/config_checks.py` states the ranges and the checks across",
+        "fields). Each run writes its resolved config to `RUN/config.yaml`.",
         "",
         f"{len(docs)} fields.",
     ]
@@ -143,7 +155,7 @@ def markdown() -> str:
         rows = [d for d in docs if d.section == section]
         lines += ["", f"## `{section}`" if section else "## Top level", "", about, "",
                   "| field | type | default | description |", "|---|---|---|---|"]
-        lines += [f"| `{d.key}` | {_cell(d.type)} | `{d.default}` | {_cell(d.description)} |" for d in rows]
+        lines += [f"| `{d.key}` | {_cell(_typed(d))} | `{d.default}` | {_cell(d.description)} |" for d in rows]
     return "\n".join(lines) + "\n"
 
 

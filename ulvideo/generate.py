@@ -110,6 +110,29 @@ def load_pipeline(export: str | Path, base: str | Path, decoder_logsnr_end: floa
     return Pipeline(stage1, model, cfg, text, decoder_logsnr_end)
 
 
+def check_request(pipe: Pipeline, prompts: list[str], labels: list[int], num_frames: int | None,
+                  context: torch.Tensor | None) -> None:
+    """What the exports can take, before anything is sampled: a ValueError naming the argument."""
+    k = pipe.stage1.cfg.encoder.temporal_downsample
+    if num_frames is not None and (num_frames < 1 or (num_frames - 1) % k):
+        raise ValueError(f"--num-frames {num_frames}: must be 1 + {k}k (e.g. {1 + k * max(1, (num_frames - 1) // k)})")
+    b = pipe.base_cfg.base
+    if prompts and pipe.text is None:
+        raise ValueError("--prompt: this base model was trained without text (base.text_encoder = none)")
+    if labels and not b.num_classes:
+        raise ValueError("--label: this base model has no class labels (base.num_classes = 0)")
+    bad = [v for v in labels if not 0 <= v < b.num_classes]
+    if bad:
+        raise ValueError(f"--label {bad[0]}: must lie in [0, {b.num_classes}) (base.num_classes = {b.num_classes})")
+    if context is not None:
+        if not b.context_frames:
+            raise ValueError("--context: this base model was trained without context frames (base.context_frames = 0)")
+        frames = 1 + (context.shape[2] - 1) // k
+        if frames < b.context_frames:
+            raise ValueError(f"--context gives {context.shape[2]} frames ({frames} latent frames); the base model "
+                             f"takes {b.context_frames} latent frames, i.e. at least {1 + k * (b.context_frames - 1)} frames")
+
+
 def read_input(path: str, num_frames: int | None, cfg: Config) -> torch.Tensor:
     """A video or image file -> (1, 3, T, H, W) in [-1, 1]: the first `num_frames` frames (default:
     the training clip length, or as many 1 + 4k frames as the video has), resized and centre-cropped

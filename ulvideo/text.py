@@ -188,6 +188,12 @@ class TextEncoder:
         mask[empty, 0] = True  # see the module doc: never an all-False row
         return ids, mask
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt before truncation (special tokens included, as `encode` counts
+        them): a count above `max_tokens` means `encode` reads only its first `max_tokens`."""
+        ids = self.tokenizer(list(prompts), truncation=False, padding=False, verbose=False)["input_ids"]
+        return [len(i) for i in ids]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (B strings) -> emb float32 (B, L, dim) and mask bool (B, L), on `self.device`.
@@ -275,6 +281,8 @@ def load_text_encoder(name: str, max_tokens: int = 32, device="cpu") -> TextEnco
     transformers = _import_transformers(name)
 
     use_safetensors = any((model_dir / f).is_file() for f in _WEIGHT_FILES[:2])
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a local load: no "Loading weights" bar on stderr
     try:
         config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
         cls = _model_class(transformers, config.model_type)
@@ -286,6 +294,9 @@ def load_text_encoder(name: str, max_tokens: int = 32, device="cpu") -> TextEnco
             f"text encoder {name!r}: could not load the model or tokenizer from {model_dir} "
             f"({type(e).__name__}: {e}). The folder must be a Hugging Face text encoder saved with "
             "`save_pretrained` (config.json, model.safetensors, tokenizer files)") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()  # e.g. BART via AutoModel: keep the encoder stack only

@@ -76,27 +76,32 @@ def encode_file(model: UnifiedLatents, args, tiling=None) -> int:
     from safetensors.torch import save_file
 
     from ulvideo import streaming
-    from ulvideo.videoio import IMAGE_EXTENSIONS, VideoError
+    from ulvideo.videoio import IMAGE_EXTENSIONS, VideoError, read_image
 
     k = model.cfg.encoder.temporal_downsample
     try:
         if Path(args.input).suffix.lower() in IMAGE_EXTENSIONS:
+            read_image(args.input)  # a missing or unreadable image is refused before any compute
             t, available, fps = 1, 1, 0.0
         else:
             t, available, fps = file_frames(args.input, args.num_frames, k)
         chunk = args.chunk or 16  # streaming is exact (causal encoder): chunks only bound the memory
         streaming.chunk_plan(t, chunk, None, k)  # a bad --chunk is refused before any compute
     except (VideoError, ValueError) as e:
-        print(f"ulvideo encode: {e}", file=sys.stderr)
+        named = str(e) if str(args.input) in str(e) else f"{args.input}: {e}"
+        print(f"ulvideo encode: {named}", file=sys.stderr)
         return 2
     if t < available and not args.num_frames:
         print(f"{args.input}: {available} frames; encoding the first {t} (1 + {k}n), {available - t} dropped at the end")
     with torch.no_grad():
         parts = list(streaming.stream_encode(model, input_chunks(args.input, model.cfg, t, chunk), tiling))
     z = torch.cat(parts, dim=2)[0, : model.latent_channels]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"z_clean": z.contiguous()}, args.out, metadata={
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a replaced file (--overwrite) is never half-written
+    save_file({"z_clean": z.contiguous()}, str(tmp), metadata={
         "source": str(args.input), "num_frames": str(t), "fps": f"{fps:g}", "source_frames": str(available)})
+    os.replace(tmp, out)
     print(f"z_clean {tuple(z.shape)} ({t} frames) -> {args.out}")
     return 0
 
@@ -128,7 +133,7 @@ def complete_shards(out: Path) -> int:
 def encode_dataset(model: UnifiedLatents, args) -> int:
     from tqdm import tqdm
 
-    from ulvideo.data import DataError, build_loader, write_latent_shard
+    from ulvideo.data import DataError, build_loader, check_usable, write_latent_shard
     from ulvideo.text import TextEncoderError, load_text_encoder
 
     cfg = model.cfg
@@ -142,6 +147,10 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
     try:
         if size < 1 or args.batch_size < 1:
             raise DataError(f"--shard-size {size} and --batch-size {args.batch_size} must be >= 1")
+        k = cfg.encoder.temporal_downsample
+        if frames < 1 or (frames - 1) % k:
+            raise DataError(f"--num-frames {frames}: clips must have 1 + {k}k frames")
+        check_usable(data_cfg)  # a folder of only broken files: one line, before the text encoder loads
         text = None if name == "none" else load_text_encoder(name, cfg.base.text_max_tokens)
         # every file "held out", split "heldout": one pass over all of them in a fixed order, centred crops
         loader = build_loader(data_cfg, micro_batch_size=step, seed=0, split="heldout")
@@ -183,6 +192,7 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
     shard, count = done, done * size
     buf: dict[str, list] = {k: [] for k in ("z", "captions", "labels", "sources", "frames", "emb", "mask")}
     pending: list[dict] = []  # loader batches of the encoder batch being gathered
+    cut = [0]  # captions longer than the text encoder's max_tokens (cut there), in this run
 
     def encode_pending():
         x = torch.cat([b["video"] for b in pending])
@@ -193,6 +203,7 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
         buf["sources"] += [s for b in pending for s in b["source"]]
         buf["frames"] += [x.shape[2]] * x.shape[0]
         if text is not None:
+            cut[0] += sum(n > text.max_tokens for n in text.token_counts(captions))
             emb, mask = text.encode(captions)
             buf["emb"].append(emb)
             buf["mask"].append(mask)
@@ -230,6 +241,9 @@ def encode_dataset(model: UnifiedLatents, args) -> int:
     bar.close()
     _write_json(out / "encoding.json", {**info, "clips": count, "shards": shard, "skipped": loader.skip_counts(),
                                         "complete": True})
+    if cut[0]:
+        print(f"ulvideo encode: warning: {cut[0]} captions are longer than {text.max_tokens} tokens; their text "
+              "embeddings keep the first max_tokens (base.text_max_tokens)", file=sys.stderr)
     print(json.dumps({"out": str(out), "clips": count, "shards": shard}))
     return 0
 

@@ -83,16 +83,23 @@ class LatentEntry:
 
 
 def find_shards(root: str, skips: SkipLog) -> list[LatentEntry]:
-    """Every sample of every complete shard under `root`, in sorted shard order."""
+    """Every sample of every complete shard under `root`, in sorted shard order. A shard whose JSON
+    or tensor header cannot be read, or does not match, is skipped and counted ("unreadable shard")."""
+    return [e for shard in iter_shards(root, skips) for e in shard]
+
+
+def iter_shards(root: str, skips: SkipLog):
+    """The samples of each readable shard under `root` (a list per shard), in sorted shard order."""
+    from safetensors import SafetensorError
+
     if not os.path.isdir(root):
         raise DataError(f"latent folder '{root}' does not exist")
-    entries = []
     for meta_path in sorted(Path(root).rglob("*.json")):
         if meta_path.name.startswith(".") or meta_path.name.endswith(".text.json"):
             continue
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
             skips.add(str(meta_path), "unreadable shard", str(e))
             continue
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -108,13 +115,13 @@ def find_shards(root: str, skips: SkipLog) -> list[LatentEntry]:
             _check_tensor(f"{prefix}.safetensors", "z_clean", (n, *shape))
             if meta.get("text"):
                 _check_tensor(f"{prefix}.text.safetensors", "emb", None, n)
-        except (KeyError, ValueError, TypeError, OSError) as e:
+            shard = [LatentEntry(prefix, i, shape, str(meta["captions"][i]), int(meta["labels"][i]),
+                                 str(meta["sources"][i]), int(meta["num_frames"][i]), bool(meta.get("text")))
+                     for i in range(n)]
+        except (KeyError, ValueError, TypeError, OSError, SafetensorError) as e:
             skips.add(prefix, "unreadable shard", f"{type(e).__name__}: {e}")
             continue
-        for i in range(n):
-            entries.append(LatentEntry(prefix, i, shape, meta["captions"][i], int(meta["labels"][i]),
-                                       meta["sources"][i], int(meta["num_frames"][i]), bool(meta.get("text"))))
-    return entries
+        yield shard
 
 
 def _check_tensor(path: str, key: str, shape, count: int | None = None) -> None:

@@ -13,6 +13,7 @@ its bucket and counted in `loader.skips`, so one bad file never stops a run.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import warnings
 from collections import OrderedDict
 
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ulvideo.data.latents import ShardReader, find_shards
+from ulvideo.data.latents import ShardReader, find_shards, iter_shards
 from ulvideo.data.sampling import TAG_CLIP, ClipSpec, Planner, Request, frame_indices, rng_for
 from ulvideo.data import storage
-from ulvideo.data.sources import (Clips, DataError, Entry, SkipLog, collect, heldout_keys, heldout_mask,
-                                  release_memory)
+from ulvideo.data.sources import (Clips, DataError, Entry, SkipLog, collect, first_usable, heldout_keys,
+                                  heldout_mask, release_memory)
 from ulvideo.videoio import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, read_frames, read_image, to_float
 
 log = logging.getLogger("ulvideo.data")
@@ -136,9 +137,32 @@ class LatentDataset(torch.utils.data.Dataset):
         self.entries, self.planner, self.reader = entries, planner, ShardReader()
 
     def __getitem__(self, req: Request) -> dict:
-        out = self.reader.load(self.entries[req.entry])
-        out["_pos"], out["_skips"] = (req.epoch, req.batch), []
-        return out
+        """Like `ClipDataset`: a sample whose shard cannot be read (or holds non-finite latents) is
+        replaced by a seeded choice from its bucket and counted."""
+        from safetensors import SafetensorError
+
+        skipped, entry = [], req.entry
+        for attempt in range(MAX_ATTEMPTS):
+            e = self.entries[entry]
+            try:
+                out = self.reader.load(e)
+                if not bool(torch.isfinite(out["z_clean"]).all()):
+                    raise ValueError(f"sample {e.index}: z_clean holds NaN or infinite values")
+                out["_pos"], out["_skips"] = (req.epoch, req.batch), skipped
+                return out
+            except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+                skipped.append((e.shard, "load failed: unreadable shard", f"{type(err).__name__}: {err}"[:300]))
+                entry = self.planner.substitute(req, attempt)
+        raise DataError(f"{MAX_ATTEMPTS} samples in a row failed to load; last: {skipped[-1]}")
+
+
+def worker_context():
+    """How loader workers start: from a forkserver (a clean process forked before any decoder ran),
+    never forked from the trainer itself. A forked worker inherits the decoders' thread pools
+    without their threads (PyAV's frame converter, decord's readers, OpenMP) and can wait on them
+    forever; the trainer's process group and caches stay out of the workers too."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def collate(samples: list[dict]) -> dict:
@@ -190,6 +214,7 @@ class ClipLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchSampler(self.planner, self._epoch, self._batch), collate_fn=collate,
             num_workers=w, prefetch_factor=2 if w else None, persistent_workers=False,
+            multiprocessing_context=worker_context() if w else None,
             pin_memory=torch.cuda.is_available())  # page-locked batches copy to the GPU asynchronously
         for batch in loader:
             epoch, k = batch.pop("_pos")
@@ -249,6 +274,26 @@ def resolve_kind(d) -> str:
     if any(p.suffix == ".tar" for p in files):
         return "webdataset"
     raise DataError(f"data.path '{d.path}': no videos, images or latent shards found (nor WebDataset .tar shards)")
+
+
+def check_usable(data_cfg) -> None:
+    """A DataError, before any process group starts, when `data.path` holds no usable clip at all
+    (e.g. a folder of broken files). Files are checked in `build_loader`'s order until the first
+    usable one (latent shards by their JSON and tensor headers), so a healthy folder costs one.
+    Manifests, URLs and WebDataset shards are left to `build_loader` (their rows are not probed)."""
+    d = data_cfg
+    kind = resolve_kind(d)
+    if kind == "webdataset" or d.manifest or storage.is_url(d.path):
+        return
+    skips = SkipLog(level=logging.DEBUG)  # build_loader logs each skipped file later, once
+    if kind == "latents":
+        found = any(len(shard) for shard in iter_shards(d.path, skips))  # stops at the first readable shard
+    else:
+        kinds = {"video": ["video"], "image": ["image"], "mixed": ["video", "image"]}[kind]
+        found = any(first_usable(d.path if k == "video" else d.image_path or d.path, k, _spec(d).span, d.short_video,
+                                 d.missing_caption, skips) for k in kinds)
+    if not found:
+        raise _no_clips(d, kind, "train", 0, skips)
 
 
 def _no_clips(d, kind: str, split: str, found: int, skips: SkipLog) -> DataError:

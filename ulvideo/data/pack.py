@@ -139,6 +139,9 @@ def main(args) -> int:
     except ValueError as e:
         print(f"ulvideo data pack: {e}", file=sys.stderr)
         return 2
+    if not storage.is_url(args.src) and Path(args.out).resolve() == Path(args.src).resolve():
+        print(f"ulvideo data pack: --out {args.out} is the source folder; pack into an empty folder", file=sys.stderr)
+        return 2
     bar = tqdm(desc="pack", unit="file")
     try:
         index = pack(args.src, args.out, size, args.seed, progress=bar.update)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ulvideo.data import storage
+from ulvideo.data.loader import worker_context
 from ulvideo.data.sampling import ClipSpec, frame_indices, rng_for
 from ulvideo.data.sources import DataError, SkipLog, heldout_keys, heldout_mask
 from ulvideo.videoio import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, probe, read_frames, read_image
@@ -240,6 +241,7 @@ class ShardLoader:
         w = self.num_workers
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=w,
                                              prefetch_factor=2 if w else None, persistent_workers=False,
+                                             multiprocessing_context=worker_context() if w else None,
                                              pin_memory=torch.cuda.is_available())
         for batch in loader:
             slot, pos = batch.pop("_pos")

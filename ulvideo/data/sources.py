@@ -177,6 +177,31 @@ def _image_or_reason(path: str):
         return None, VideoError("unreadable image", f"{type(e).__name__}: {e}")
 
 
+def first_usable(root: str, kind: str, span: Callable, short_video: str, missing_caption: str,
+                 skips: SkipLog) -> bool:
+    """Whether a folder holds one usable file of `kind`, by `collect`'s rules, checking files in its
+    order and stopping at the first usable one (a healthy folder costs one probe). Files found
+    unusable on the way are added to `skips`."""
+    if not os.path.isdir(root):
+        raise DataError(f"data folder '{root}' does not exist")
+    check = _probe_or_reason if kind == "video" else _image_or_reason
+    for path in walk_media(root, VIDEO_EXTENSIONS if kind == "video" else IMAGE_EXTENSIONS, skips):
+        info, err = check(path)
+        if err is not None:
+            skips.add(path, err.reason, err.detail)
+            continue
+        if kind == "video":
+            need = span(info.fps)
+            if info.num_frames < 1 or (info.num_frames < need and short_video == "skip"):
+                skips.add(path, "shorter than clip" if info.num_frames else "no frames", f"{info.num_frames} frames < {need}")
+                continue
+        if missing_caption == "skip" and sidecar_caption(path) is None:
+            skips.add(path, "missing caption")
+            continue
+        return True
+    return False
+
+
 def _hash_strings(h, arr) -> None:
     """Feed an Arrow string array's offsets (rebased) and characters to `h`, however it was sliced."""
     off = np.frombuffer(arr.buffers()[1], dtype=np.int32 if arr.type == "string" else np.int64)

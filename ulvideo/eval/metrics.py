@@ -24,8 +24,12 @@ Held-out evaluation during training (the loop calls this every `eval.every` step
     logs = rec.compute()   # {"recon/psnr", "recon/ssim", ["recon/lpips"], ["recon/rfvd"], "recon/num_clips"}
     header = rec.provenance()  # preset and I3D sha256 behind rFVD: write once with the run's metrics
 
-`compute` all-reduces over the default process group (or `group`) when torch.distributed is
-initialized; every rank gets the same numbers. Bits per clip come from the model's own ELBO.
+`compute()` returns the numbers of the clips this process saw and never communicates: training
+evaluates on rank 0 alone while the other ranks wait (ulvideo/train/loop.py), and an implicit
+collective there would wait for ranks that never call it. Where every rank of a group scores its
+own share, `compute(group)` sums the counts, PSNR/SSIM sums and feature statistics over that group
+first (a collective: every rank of it must call it) and every rank gets the same numbers. Bits per
+clip come from the model's own ELBO.
 """
 from __future__ import annotations
 
@@ -299,7 +303,10 @@ class ReconstructionMetrics:
         return out
 
     def compute(self, group=None) -> dict[str, float]:
-        sums = _all_reduce_sum(self.sums.clone(), group)
+        """The metrics of the clips seen here; with `group` (e.g. `torch.distributed.group.WORLD`), of the
+        clips every rank of the group saw (a collective). Without it nothing is communicated."""
+        reduce = group is not None
+        sums = _all_reduce_sum(self.sums.clone(), group) if reduce else self.sums.clone()
         n = float(sums[0])
         out = {"recon/num_clips": n}
         if n == 0:
@@ -309,8 +316,9 @@ class ReconstructionMetrics:
         if self.lpips_model is not None:
             out["recon/lpips"] = float(sums[3]) / n
         if self.extractor is not None:
-            real = self.real_stats.copy().all_reduce(group)
-            recon = self.recon_stats.copy().all_reduce(group)
+            real, recon = self.real_stats.copy(), self.recon_stats.copy()
+            if reduce:
+                real, recon = real.all_reduce(group), recon.all_reduce(group)
             if real.count >= 2:
                 out["recon/rfvd"] = fvd_from_stats(real, recon, self.extractor.protocol.covariance)
         return out

@@ -9,7 +9,13 @@ checkpoint is converted to DeepSpeed's universal format once). The run dir holds
 metrics.jsonl, TensorBoard events (tb/), checkpoints/ and exports/ (EMA weights + config); stage 1's
 evaluations (every `eval.every` steps and at the end) add samples/step_X/ (reconstructions).
 SIGTERM saves a checkpoint and stops at the next log step (within `train.log_every` steps): the stop
-check is a collective with a host sync, so it runs with the log line, not every step.
+check is a collective with a host sync, so it runs with the log line, not every step. Evaluation
+runs on rank 0 alone, with no collective, while the other ranks wait at their next one: its numbers
+are those of one process at any world size (ulvideo/eval/metrics.py).
+
+A step is applied whole or not at all: a non-finite loss, gradient or Adam moment, or new weights
+beyond +-1.8e19, leave weights, optimizer state, LR schedule and EMA as they were
+(ulvideo/train/guard.py); `train.max_nonfinite_skips` such steps in a row stop the run (status 3).
 
 Determinism: micro-batch `slot = micro * world_size + rank` of step `s` is global batch
 `s * (global_batch_size / micro_batch_size) + slot` of the data order, and all of its randomness
@@ -19,27 +25,30 @@ The DeepSpeed config is generated from the training config (`deepspeed_config`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ulvideo.config import Config, ConfigError, save_config
-from ulvideo.exports import save_export
 from ulvideo.train import checkpoint as ckpt
+from ulvideo.train import rundir
+from ulvideo.train.ema import EMA
+from ulvideo.train.guard import NONFINITE_GRADIENT, UpdateCheck
 from ulvideo.train.objectives import Objective, make_objective, preflight
 
 log = logging.getLogger("ulvideo.train")
+_FIND = object()  # Trainer(start=...) default: look for the checkpoint to resume itself
 
 
 class NonFiniteError(RuntimeError):
-    """`train.max_nonfinite_skips` steps in a row had a non-finite loss or gradient."""
+    """`train.max_nonfinite_skips` steps in a row were not applied (see ulvideo/train/guard.py)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,6 +71,9 @@ def check_config(cfg: Config, world_size: int) -> None:
             f"= {t.micro_batch_size} × {world_size} (gradient accumulation = global / (micro × world) must be whole)")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+    if t.compile and t.zero_stage == 3:  # the compiled graph would see ZeRO-3's empty weight partitions
+        raise ConfigError("train.compile needs train.zero_stage 0, 1 or 2: ZeRO-3 gathers each layer's weights "
+                          "in hooks around its forward, which a compiled network does not run")
     for section, key, low in (("train", "steps", 0), ("train", "ckpt_every", 1), ("train", "keep_last", 1),
                               ("train", "log_every", 1), ("train", "max_nonfinite_skips", 1), ("train", "warmup_steps", 0),
                               ("eval", "every", 0), ("eval", "num_clips", 1), ("eval", "decoder_steps", 1)):
@@ -73,13 +85,20 @@ def check_config(cfg: Config, world_size: int) -> None:
 
 
 def preflight_all(cfg: Config, run_dir: Path, world_size: int) -> None:
-    """Every check that needs no process group: config, data, exports, the checkpoint to resume."""
+    """Every check of the settings that needs no process group: config, data, exports."""
     from ulvideo.data import resolve_kind
 
     preflight(cfg)
     check_config(cfg, world_size)
     resolve_kind(cfg.data)  # an empty data folder fails here, not after the process group starts
-    ckpt.check_resumable(run_dir / "checkpoints", cfg.stage, cfg.train.zero_stage)
+
+
+def find_start(cfg: Config, run_dir: Path, warn: Callable[[str], None] = log.warning) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume (None: a fresh run), before any process group: CheckpointError when
+    the run has checkpoints but none intact, ConfigError when it cannot resume with these settings."""
+    found = ckpt.find_resumable(run_dir / "checkpoints", warn)
+    ckpt.check_resumable(found, run_dir / "checkpoints", cfg.stage, cfg.train.zero_stage)
+    return found
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -87,10 +106,8 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON, derived from `cfg.train` (there is no second, hand-kept file).
-
-    ZeRO-1/2/3 use DeepSpeed's AdamW; ZeRO-0 gets `FiniteAdamW` from the client side (see there), so
-    this dict has no optimizer section then."""
+    """The DeepSpeed JSON, derived from `cfg.train` (there is no second, hand-kept file). Every ZeRO
+    stage uses DeepSpeed's AdamW, whose steps the update check guards (ulvideo/train/guard.py)."""
     check_config(cfg, world_size)
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
@@ -98,6 +115,8 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # exports come from the EMA instead
+        # one sub-group per rank: the update check applies or refuses a step whole
+        zero["sub_group_size"] = 10**15
     out = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -114,32 +133,11 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if t.zero_stage > 0:
-        out["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
-                                                        "weight_decay": t.weight_decay, "torch_adam": t.torch_adam}}
+    out["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+                                                    "weight_decay": t.weight_decay, "torch_adam": t.torch_adam}}
     if load_universal:
         out["checkpoint"] = {"load_universal": True}
     return out
-
-
-class FiniteAdamW(torch.optim.AdamW):
-    """AdamW that skips a step whose gradients are not all finite and says so in `.overflow`.
-
-    The ZeRO optimizers already skip such steps (and DeepSpeed then leaves the LR schedule alone);
-    plain ZeRO-0 hands torch's optimizer to the engine unwrapped, and this gives it the same contract."""
-
-    overflow = False
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        return None if self.overflow else super().step(closure)
-
-
-def client_optimizer(cfg: Config):
-    t = cfg.train
-    return lambda params: FiniteAdamW(params, lr=t.lr, betas=tuple(t.betas), eps=1e-8, weight_decay=t.weight_decay)
 
 
 def _free_port() -> int:
@@ -163,136 +161,6 @@ def init_distributed() -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of the trained module's weights, kept in float32.
-
-    ZeRO-0/1/2: every rank holds the full parameters after each step, so every rank keeps the same
-    full EMA. ZeRO-3: every rank keeps the EMA of its own partition only (`param.ds_tensor`, the
-    slice [rank·n, (rank+1)·n) of the flattened, zero-padded parameter): no per-step all-gather and
-    1/world of the memory. `state_dict()` consolidates the full weights (a collective under ZeRO-3:
-    every rank calls it, rank 0 receives them). A step whose weights are not all finite (on any
-    rank) is not absorbed.
-    """
-
-    def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = False):
-        self.decay = decay
-        self.warmup = warmup
-        self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.sharded = any(hasattr(p, "ds_tensor") for _, p in self.params)
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params}
-        self.buffers = {n: b.detach().float().clone() for n, b in module.named_buffers()}
-
-    @staticmethod
-    def _local(p: torch.Tensor) -> torch.Tensor:
-        return p.ds_tensor if hasattr(p, "ds_tensor") else p
-
-    def decay_at(self, step: int) -> float:
-        """Decay used by the update that ends optimizer step `step` (1-based). With warm-up it is
-        min(decay, (1 + step) / (10 + step)), so early averages do not drag in the initial weights."""
-        return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, step: int | None = None) -> bool:
-        decay = self.decay if step is None else self.decay_at(step)
-        current = [self._local(p).detach() for _, p in self.params]
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(current))).all().float()
-        if self.sharded and self.world > 1:  # every shard must take the same decision
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not bool(finite):
-            return False
-        torch._foreach_lerp_([self.shadow[n] for n, _ in self.params], [c.float() for c in current], 1.0 - decay)
-        return True
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights and buffers on CPU (under ZeRO-3: on rank 0; other ranks get {})."""
-        if not self.sharded:
-            return {n: v.cpu() for n, v in {**self.shadow, **self.buffers}.items()}
-        out = {}
-        for n, p in self.params:  # one parameter at a time bounds the gathering memory
-            part = self.shadow[n]
-            parts = [torch.empty_like(part) for _ in range(self.world)] if self.rank == 0 else None
-            torch.distributed.gather(part, parts, dst=0)
-            if self.rank == 0:
-                out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
-        return {**out, **{n: b.cpu() for n, b in self.buffers.items()}} if self.rank == 0 else {}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        """From full weights (any world size wrote them): each rank takes its own slice under ZeRO-3."""
-        for n, _ in self.params:
-            mine = self.shadow[n]
-            src = state[n].to(mine.device, torch.float32).flatten()
-            if self.sharded:
-                src = src[self.rank * mine.numel():(self.rank + 1) * mine.numel()]
-                mine.zero_()
-                mine[: src.numel()].copy_(src)
-            else:
-                mine.copy_(src.view_as(mine))
-        for n in self.buffers:
-            if n in state:
-                self.buffers[n].copy_(state[n])
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-class MetricLog:
-    """Running means of per-step scalars between log lines, averaged over ranks when a line is
-    written (the only all-reduce and .item() of the logs)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, world_size: int = 1):
-        self.enabled, self.world = enabled, world_size
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # tensorboard is a core dependency; tolerate its absence anyway
-                self.tb = None
-
-    def accumulate(self, values: dict[str, torch.Tensor]) -> None:
-        for k, v in values.items():
-            v = v.detach().float().mean()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += 1
-
-    def write(self, step: int, extra: dict[str, float], reduce: bool = True) -> dict[str, float]:
-        """The running means (averaged over ranks) and `extra`; `reduce=False` for rows only rank 0
-        computes (evaluation): `extra` alone, the running means keep accumulating."""
-        row = {}
-        if reduce:
-            keys = sorted(self.sums)
-            means = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1) if keys else torch.zeros(0)
-            if self.world > 1 and keys:
-                torch.distributed.all_reduce(means)
-                means = means / self.world
-            row = dict(zip(keys, means.tolist()))
-            self.sums, self.count = {}, 0
-        row.update(extra)
-        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}}
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        self.tb.add_scalar(k, v, step)
-                self.tb.flush()
-        return row
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
@@ -304,37 +172,43 @@ def step_seeds(seed: int, step: int, slot: int) -> tuple[int, int]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, start=_FIND):
+        """`start`: the checkpoint to resume from `find_start` (None: fresh); by default found here."""
         import deepspeed
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if start is _FIND:
+            first = os.environ.get("RANK", "0") == "0"
+            start = find_start(cfg, self.run_dir, log.warning if first else lambda line: None)
         self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
-        self.ckpt_dir = self.run_dir / "checkpoints"
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        resume = ckpt.plan_resume(self.ckpt_dir, self.world, cfg.train.zero_stage, self.is_main)
+            ckpt.remove_partial(self.ckpt_dir)  # what a failed or killed save left
+        resume = ckpt.plan_resume(self.ckpt_dir, start, self.world, cfg.train.zero_stage, self.is_main)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         from ulvideo.attention import set_backend
 
         set_backend(cfg.train.attention_backend)
         self.objective: Objective = make_objective(cfg)
-        if cfg.train.activation_checkpointing:
-            from ulvideo.train.apply import apply_activation_checkpointing
+        from ulvideo.train.apply import apply_activation_checkpointing, compile_networks
 
+        if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.objective.trained)
+        if cfg.train.compile:  # the networks, before DeepSpeed wraps the objective (never the engine)
+            compile_networks(self.objective)
         trainable = [p for p in self.objective.parameters() if p.requires_grad]
-        extra = {"optimizer": client_optimizer(cfg)} if cfg.train.zero_stage == 0 else {}
         ds_config = deepspeed_config(cfg, self.world, load_universal=bool(resume and resume.universal))
-        self.engine, _, _, _ = deepspeed.initialize(model=self.objective, model_parameters=trainable,
-                                                    config=ds_config, **extra)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.objective, model_parameters=trainable, config=ds_config)
+        self.update_check = UpdateCheck.install(self.engine)
         self.device = self.engine.device
         self.bf16 = use_bf16(cfg)
         self.ema = EMA(self.engine.module.trained, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.loader = self.objective.build_loader(cfg, rank=self.rank, world_size=self.world)
         self.loader_iter = None
-        self.metrics = MetricLog(self.run_dir, self.is_main, self.world)
+        self.metrics = rundir.MetricLog(self.run_dir, self.is_main, self.world, resume.state if resume else None)
         if self.is_main:
             self.objective.prepare_evaluation(self.device)
         self.step = 0
@@ -350,7 +224,8 @@ class Trainer:
 
     def _state(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total,
-                "world_size": self.world, "stage": self.cfg.stage, "zero_stage": self.cfg.train.zero_stage}
+                "nonfinite_run": self.nonfinite_run, "metrics_rows": self.metrics.rows, "world_size": self.world,
+                "stage": self.cfg.stage, "zero_stage": self.cfg.train.zero_stage}
 
     def _load(self, r: ckpt.ResumePlan) -> None:
         path, _ = self.engine.load_checkpoint(r.load_dir, tag=r.load_tag)
@@ -359,40 +234,43 @@ class Trainer:
         self.ema.load(ckpt.read_ema(self.ckpt_dir, r.tag))
         self.step = self.saved_step = int(r.state["step"])
         self.nonfinite_total = int(r.state.get("nonfinite_total", 0))
+        self.nonfinite_run = int(r.state.get("nonfinite_run", 0))
         self.loader.load_state_dict(r.state["data"])
         if self.is_main:
             how = f" (written at world size {r.state.get('world_size')} with ZeRO-{r.state.get('zero_stage')}; " \
                   "loaded through the universal format)" if r.universal else ""
             log.info("resumed from %s (step %d)%s", self.ckpt_dir / r.tag, self.step, how)
+            # a run that died between its last checkpoint and that checkpoint's export
+            rundir.sync_exports(self.run_dir, self.cfg.stage, self.step, self.ckpt_dir, r.tag, self.cfg,
+                                self._export_meta(), self.cfg.train.keep_last, log.warning)
+
+    def _export_meta(self) -> dict:
+        return {"step": self.step, "stage": self.cfg.stage, **self.objective.export_meta()}
 
     def save(self) -> None:
-        """Atomic checkpoint + export. DeepSpeed writes into checkpoints/.tmp-step_X; once every rank
-        is done, rank 0 adds ema.safetensors and state.json, renames to step_X, then updates `latest`."""
+        """Checkpoint, then its export, as one transaction. DeepSpeed writes into
+        checkpoints/.tmp-step_X; once every rank is done, rank 0 adds ema.safetensors and state.json,
+        renames to step_X, updates `latest`, then writes the export (a rerun rewrites it when this
+        process dies before). A write that fails (a full disk) removes its partial files and raises
+        SaveError; the previous checkpoint stays the latest."""
         if self.saved_step == self.step:
             return
         tmp_tag = ckpt.begin_save(self.ckpt_dir, self.step, self.is_main)
         torch.distributed.barrier()  # the temporary directory is clean before anyone writes
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, save_latest=False)
-        ckpt.sync_tree(self.ckpt_dir / tmp_tag)
+        with ckpt.writing(self.ckpt_dir / tmp_tag, "checkpoint"):
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, save_latest=False)
+            ckpt.sync_tree(self.ckpt_dir / tmp_tag)
         weights = self.ema.state_dict()
         torch.distributed.barrier()
-        ckpt.fault_pause("written")
+        ckpt.fault_pause("written", self.step)
         if self.is_main:
-            ckpt.finish_save(self.ckpt_dir, self.step, weights, self._state(), self.cfg.train.keep_last)
-            self.export(weights)
+            with ckpt.writing(self.ckpt_dir / tmp_tag, "checkpoint"):
+                ckpt.finish_save(self.ckpt_dir, self.step, weights, self._state(), self.cfg.train.keep_last)
+            ckpt.fault_pause("committed", self.step)
+            w, cfg, meta = self.objective.export_contents(weights, self.cfg, self._export_meta())  # prior: a stage-1 export
+            rundir.write_exports(self.run_dir, self.cfg.stage, self.step, w, cfg, meta, self.cfg.train.keep_last)
         torch.distributed.barrier()
         self.saved_step = self.step
-
-    def export(self, weights: dict[str, torch.Tensor] | None = None) -> Path | None:
-        """Full consolidated EMA weights + config (a collective when `weights` is None under ZeRO-3)."""
-        weights = self.ema.state_dict() if weights is None else weights
-        if not self.is_main:
-            return None
-        meta = {"step": self.step, "stage": self.cfg.stage, **self.objective.export_meta()}
-        weights, cfg, meta = self.objective.export_contents(weights, self.cfg, meta)  # stage prior: a stage-1 export
-        out = save_export(self.run_dir / "exports" / f"{self.cfg.stage}_{ckpt.tag_for(self.step)}", weights, cfg, meta)
-        save_export(self.run_dir / "exports" / "latest", weights, cfg, meta)
-        return out
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -401,11 +279,13 @@ class Trainer:
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over `global_batch_size` clips; advances `self.step`. A step with a
-        non-finite loss or gradient on any rank is skipped whole (weights, optimizer, LR schedule,
-        EMA untouched, its batches consumed); `max_nonfinite_skips` in a row raise NonFiniteError.
-        Returns the step's mean logs (empty for a skipped step) and "clips"."""
+        non-finite loss, gradient or Adam moment, or whose new weights would leave +-1.8e19, on any
+        rank, is not applied (weights, optimizer state, LR schedule, EMA untouched, its batches
+        consumed); `max_nonfinite_skips` in a row raise NonFiniteError. Returns the step's mean logs
+        (empty for a step not applied) and "clips"."""
         if self.loader_iter is None:
             self.loader_iter = iter(self.loader)
+        self.update_check.reason = None
         accum = self.engine.gradient_accumulation_steps()
         step_logs: dict[str, torch.Tensor] = {}
         clips = 0
@@ -420,8 +300,8 @@ class Trainer:
             # inputs (logSNR embeddings, text) meet them
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss, logs = self.engine(batch, g, self.step)
-            # NaN gradients make the optimizers skip the step and drop the accumulated gradients;
-            # a non-finite loss must do the same even where its gradient happens to be finite.
+            # NaN gradients make the step be refused and drop the accumulated gradients; a
+            # non-finite loss must do the same even where its gradient happens to be finite.
             # The factor is exactly 1.0 otherwise, and needs no host sync.
             loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
             self.engine.backward(loss)
@@ -430,21 +310,27 @@ class Trainer:
                 v = v.detach().float().mean() / accum
                 step_logs[k] = step_logs[k] + v if k in step_logs else v
         self.step += 1
-        if self.engine.was_step_applied() and self.ema.update(self.step):
+        if self.engine.was_step_applied():
+            self.ema.update(self.step)
             self.nonfinite_run = 0
             return {**step_logs, "clips": torch.tensor(float(clips * self.world))}
+        # DeepSpeed's own overflow check refuses non-finite gradients before the update check sees them
+        reason = self.update_check.reason or NONFINITE_GRADIENT
         self.nonfinite_total += 1
         self.nonfinite_run += 1
         self.skipped_since_log += 1
         if self.is_main:
-            log.warning("step %d: non-finite loss, gradient or weights: step skipped (%d in a row, %d in all)",
-                        self.step, self.nonfinite_run, self.nonfinite_total)
+            log.warning("step %d not applied: %s (%d in a row, %d in all); weights, optimizer state, LR schedule "
+                        "and EMA are unchanged", self.step, reason, self.nonfinite_run, self.nonfinite_total)
         if self.nonfinite_run >= self.cfg.train.max_nonfinite_skips:
+            good = self.step - self.nonfinite_run
+            tag = ckpt.latest_tag(self.ckpt_dir)
+            where = (f"the newest checkpoint, {self.ckpt_dir / tag}, holds them" if tag else
+                     f"no checkpoint was written yet (train.ckpt_every = {self.cfg.train.ckpt_every})")
             raise NonFiniteError(
-                f"{self.nonfinite_run} steps in a row (train.max_nonfinite_skips) had a non-finite loss or gradient, "
-                f"up to step {self.step}; weights are unchanged since step {self.step - self.nonfinite_run}. The last "
-                f"complete checkpoint is {ckpt.latest_tag(self.ckpt_dir) or 'none'}; lower train.lr, check the data, "
-                "or raise train.max_nonfinite_skips.")
+                f"{self.nonfinite_run} steps in a row (train.max_nonfinite_skips) were not applied, up to step "
+                f"{self.step}, the last for {reason}; the weights are those of step {good} and {where}. Lower "
+                "train.lr, check the data, or raise train.max_nonfinite_skips")
         return {"clips": torch.tensor(float(clips * self.world))}
 
     def fit(self) -> bool:
@@ -482,18 +368,33 @@ class Trainer:
                 self.save()
         bar.close()
         finished = self.step >= cfg.steps
-        self.save()
-        if finished and every and self.step % every:
+        # the end of training is evaluated too (once: not again by a rerun of a finished run), before
+        # its checkpoint, which records the metrics rows written so far
+        if finished and every and self.step % every and self.step != self.saved_step:
             self.evaluate()
+        self.save()
         if not finished and self.is_main:
             log.info("stopped by SIGTERM at step %d; checkpoint %s saved", self.step, ckpt.tag_for(self.step))
         return finished
 
     def evaluate(self) -> dict:
+        """Rank 0 evaluates the EMA weights alone and without any collective, so its numbers are
+        those of one process at any world size; the other ranks go on to their next collective and
+        wait there. That wait must stay within the process-group timeout (DeepSpeed's, 10 min unless
+        $DEEPSPEED_TIMEOUT says otherwise): a warning says when an evaluation used half of it."""
         weights = self.ema.state_dict()  # a collective under ZeRO-3: every rank takes part
         if not self.is_main:
             return {}
+        t0 = time.perf_counter()
         out = self.objective.evaluate(weights, self.run_dir / "samples" / ckpt.tag_for(self.step), self.step)
+        took = time.perf_counter() - t0
+        if self.world > 1:
+            from deepspeed.constants import default_pg_timeout
+
+            if took > 0.5 * default_pg_timeout.total_seconds():
+                log.warning("evaluation took %.0f s on rank 0 while %d ranks waited; the process-group timeout is "
+                            "%.0f s ($DEEPSPEED_TIMEOUT, minutes): lower eval.num_clips or eval.decoder_steps",
+                            took, self.world - 1, default_pg_timeout.total_seconds())
         if out:
             from tqdm import tqdm
 

@@ -456,3 +456,6 @@ def preflight(cfg: Config) -> None:
     if not (remote or cfg.data.manifest) and not Path(cfg.data.path).exists():
         raise FileNotFoundError(f"data.path '{cfg.data.path}' does not exist (for the built-in data: "
                                 f"ulvideo data synth --out {cfg.data.path})")
+    from ulvideo.data import check_usable
+
+    check_usable(cfg.data)  # a folder of only broken files fails here, not after the process group starts
