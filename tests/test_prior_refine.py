@@ -28,10 +28,13 @@ def refined(tmp_path_factory):
     run_ulvideo("data", "synth", "--out", tmp / "train", "--num", 16, "--frames", 5, "--size", 16, "--seed", 1)
     run_ulvideo("data", "synth", "--out", tmp / "heldout", "--num", 8, "--frames", 5, "--size", 16, "--seed", 2)
     run = tmp / "run"
-    out = run_ulvideo("train", "configs/ul/tiny.yaml", "--run-dir", run, "--stage=prior",
-                      f"--prior.stage1_export={export}", f"--data.path={tmp / 'train'}", "--train.steps=40",
-                      "--train.lr=3e-3", "--train.ckpt_every=40", "--eval.every=40", *SMALL, *TRAIN)
+    out = run_ulvideo("train", "configs/ul/tiny.yaml", "--run-dir", run, *refine_args(export, tmp / "train"))
     return export, run, tmp / "heldout", out.stdout
+
+
+def refine_args(export, data) -> list:
+    return ["--stage=prior", f"--prior.stage1_export={export}", f"--data.path={data}", "--train.steps=40",
+            "--train.lr=3e-3", "--train.ckpt_every=40", "--eval.every=40", *SMALL, *TRAIN]
 
 
 def test_encoder_and_decoder_are_bitwise_the_source(refined):
@@ -85,3 +88,23 @@ def test_prior_stage_needs_a_stage1_export(tmp_path):
     assert r.returncode == 2 and "missing.safetensors" in r.stdout + r.stderr
     with pytest.raises(ConfigError):
         load_config(ROOT / "configs/ul/tiny.yaml", ["--stage=refine"])
+
+
+def test_an_export_lost_after_its_checkpoint_is_rewritten_whole(refined, tmp_path):
+    """A run that died between its checkpoint and the export: the rerun rewrites the export from the
+    checkpoint through the same path as a save, so it is again a complete stage-1 export (not the
+    prior's weights alone)."""
+    import shutil
+
+    export, run, _, _ = refined
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("train.lock"))
+    want = load_export(copy / "exports" / "latest.safetensors")
+    for f in (copy / "exports").iterdir():
+        f.unlink()
+    r = run_ulvideo("train", "configs/ul/tiny.yaml", "--run-dir", copy, *refine_args(export, run.parent / "train"))
+    assert "rewriting it from" in r.stdout + r.stderr
+    got = load_export(copy / "exports" / "latest.safetensors")
+    assert set(got[0]) == set(want[0]) and all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+    assert got[1] == want[1] and got[2]["stage"] == "ul" and got[2]["prior_refine_steps"] == 40
+    load_stage1(copy / "exports" / "latest.safetensors")

@@ -242,7 +242,8 @@ class Trainer:
             log.info("resumed from %s (step %d)%s", self.ckpt_dir / r.tag, self.step, how)
             # a run that died between its last checkpoint and that checkpoint's export
             rundir.sync_exports(self.run_dir, self.cfg.stage, self.step, self.ckpt_dir, r.tag, self.cfg,
-                                self._export_meta(), self.cfg.train.keep_last, log.warning)
+                                self._export_meta(), self.cfg.train.keep_last, log.warning,
+                                contents=self.objective.export_contents)
 
     def _export_meta(self) -> dict:
         return {"step": self.step, "stage": self.cfg.stage, **self.objective.export_meta()}
