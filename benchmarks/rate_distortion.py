@@ -262,11 +262,13 @@ def main(argv=None) -> dict:
     p.add_argument("--refine-steps", type=int, default=None, help="prior refinement steps after stage 1 (0 = none)")
     p.add_argument("--decoder-steps", type=int, default=None, help="DDPM steps of the reconstructions (default 32)")
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
-    p.add_argument("--crfs", default=",".join(map(str, CRFS)))
+    p.add_argument("--crfs", default=",".join(map(str, CRFS)), help="x264/x265 CRFs ('' = no codecs)")
     p.add_argument("--clips", type=int, default=None, help="measure only the first N test clips")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--runs", default="runs/rate_distortion")
     p.add_argument("--out", default=None, help="default benchmarks/results/rate_distortion[_quick].json")
+    p.add_argument("--export", action="append", default=[],
+                   help="measure this stage-1 export (repeatable) on the test clips instead of training the sweep")
     args, overrides = parse_with_overrides(p) if argv is None else (p.parse_known_args(argv))
     if argv is not None:
         bad = [a for a in overrides if not (a.startswith("--") and "=" in a)]
@@ -288,6 +290,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     data_sha = tree_sha256(train_data)
     paths, clips = test_clips(args.test_data, args.kinds.split(","), base.data.height, args.clips)
+    if args.export:
+        return measure_exports(args, paths, clips, dsteps)
     from codec_rd import crf_sweep
 
     result: dict = {
@@ -314,12 +318,12 @@ def main(argv=None) -> dict:
         result["ul"].append({"loss_factor": c, **point(f"ul_lf{c:g}", ["--ul.model=unified", f"--ul.loss_factor={c}"])})
     for b in betas:
         result["kl_vae"].append({"kl_weight": b, **point(f"klvae_b{b:g}", ["--ul.model=kl_vae", f"--ul.kl_weight={b}"])})
-    crfs = [int(c) for c in args.crfs.split(",")]
-    for codec in ("libx264", "libx265"):
+    crfs = [int(c) for c in args.crfs.split(",") if c]
+    for codec in ("libx264", "libx265") if crfs else ():
         recs = crf_sweep(list(clips), codec, crfs)
         result["codecs"].append({"codec": codec, "records": [{k: r[k] for k in (
             "crf", "bpp", "psnr", "ssim", "bits_per_clip", "format_psnr", "encoder", "preset", "pix_fmt")} for r in recs]})
-    x265 = result["codecs"][1]["records"]
+    x265 = result["codecs"][1]["records"] if crfs else []
     summary = {"monotone_in_loss_factor": monotone(result["ul"]) if len(result["ul"]) > 1 else None,
                "dominance": dominance(result["ul"], result["kl_vae"]), "ul_over_x265_bits_at_equal_psnr": []}
     for r in result["ul"]:
@@ -335,6 +339,27 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
     print(json.dumps(summary))
+    return result
+
+
+def measure_exports(args, paths: list[str], clips: np.ndarray, dsteps: int) -> dict:
+    """`--export`: the measurements of given exports, one JSON line each; `--out` if given."""
+    rows = []
+    for e in args.export:
+        export = Path(e).with_suffix(".safetensors")
+        if not export.is_file():
+            raise SystemExit(f"rate_distortion: --export {e}: no such export")
+        row = {"export": str(export), **measure(export, clips, dsteps, args.sampler, args.batch, export.parent)}
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "per_clip"}),
+              flush=True)
+        rows.append(row)
+    result = {"what": "rate_distortion exports",
+              "command": "python benchmarks/rate_distortion.py " + " ".join(sys.argv[1:]),
+              "test_data": args.test_data, "kinds": args.kinds, "clips": paths,
+              "clip": "x".join(map(str, clips.shape[1:4])), "sampler": args.sampler, "decoder_steps": dsteps,
+              "latent_noise": "sample", "rate_logsnr_samples": 32, "exports": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

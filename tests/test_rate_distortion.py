@@ -82,3 +82,26 @@ def test_summary_logic():
     # log-linear between the two points: at 27 dB, sqrt(0.1 * 0.4) = 0.2
     assert rd.codec_bpp_at(27.0, codec) == pytest.approx(0.2)
     assert rd.codec_bpp_at(31.0, codec) is None
+
+
+def test_export_mode_measures_an_export_the_same_way(sweep, tmp_path):
+    """`--export`: a copy of a sweep's export (no cached measurement beside it) measured afresh gives the
+    sweep's numbers; nothing is trained."""
+    import shutil
+
+    tmp, res, _, trained = sweep
+    src = Path(res["ul"][0]["export"])
+    dst = tmp_path / "copy" / "latest.safetensors"
+    dst.parent.mkdir()
+    shutil.copy(src, dst)
+    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
+    out = rd.main(["--export", str(dst), "--test-data", str(tmp / "footage"), "--decoder-steps", "2",
+                   "--out", str(tmp_path / "m.json"), *TINY])
+    [row] = out["exports"]
+    want = res["ul"][0]
+    for k in ("bpp", "psnr", "ssim", "decoder_gain_bits_per_clip"):
+        assert row[k] == pytest.approx(want[k], rel=1e-5), k
+    assert json.loads((tmp_path / "m.json").read_text())["exports"][0]["bpp"] == row["bpp"]
+    assert sorted(p.name for p in (tmp / "runs").iterdir()) == trained
+    with pytest.raises(SystemExit):
+        rd.main(["--export", str(tmp_path / "missing"), "--test-data", str(tmp / "footage"), *TINY])
