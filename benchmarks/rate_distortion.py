@@ -5,6 +5,8 @@ on the same held-out clips.
     python benchmarks/real_footage.py build --out data/real64x9 --frames 9 --size 64
     python benchmarks/rate_distortion.py            # the full sweep
     python benchmarks/rate_distortion.py --quick    # two loss factors, one KL weight, fewer steps
+    python benchmarks/rate_distortion.py --export runs/real_48/exports/latest.safetensors --out m.json
+                                                    # measure exports you trained; no sweep
 
 Every point trains `--config` (configs/ul/real_48.yaml) on `--train-data` with one change: UL at
 each loss factor of `--loss-factors`, the KL-VAE (`ul.model: kl_vae`, the same networks, steps and
