@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -298,7 +299,7 @@ def main(argv=None) -> dict:
 
     result: dict = {
         "what": "rate_distortion",
-        "command": "python benchmarks/rate_distortion.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/rate_distortion.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "protocol": {"config": args.config, "overrides": overrides, "train_data": train_data,
                      "train_data_sha256": data_sha[:16], "test_data": args.test_data, "kinds": args.kinds,
                      "clip": "x".join(map(str, clips.shape[1:4])), "num_clips": len(clips), "steps": steps,
@@ -356,7 +357,7 @@ def measure_exports(args, paths: list[str], clips: np.ndarray, dsteps: int) -> d
               flush=True)
         rows.append(row)
     result = {"what": "rate_distortion exports",
-              "command": "python benchmarks/rate_distortion.py " + " ".join(sys.argv[1:]),
+              "command": "python benchmarks/rate_distortion.py " + shlex.join(sys.argv[1:]),
               "test_data": args.test_data, "kinds": args.kinds, "clips": paths,
               "clip": "x".join(map(str, clips.shape[1:4])), "sampler": args.sampler, "decoder_steps": dsteps,
               "latent_noise": "sample", "rate_logsnr_samples": 32, "exports": rows}
