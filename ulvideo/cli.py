@@ -409,7 +409,7 @@ def _written(run_dir: Path, cfg) -> list[str]:
     samples = sorted((run_dir / "samples").glob("step_*"))
     if samples:
         out.append(f"reconstructions: {samples[-1]} (recon_sheet.png: held-out inputs above their reconstructions)")
-    if cfg.stage == "ul":
+    if cfg.stage in ("ul", "prior"):  # both leave a stage-1 export
         latents = cfg.data.path.rstrip("/") + "_latents"
         out.append(f"next: ulvideo encode --export {export} --data {cfg.data.path} --out {latents} && ulvideo train "
                    f"configs/base/tiny.yaml --run-dir {run_dir}_base --base.stage1_export={export} --data.path={latents}")
