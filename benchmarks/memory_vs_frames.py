@@ -49,8 +49,11 @@ picks its algorithm (and workspace, hundreds of MB) by shape, which outweighs th
 themselves; compare the streamed curve's flatness, and use --height/--width or --size to make
 activations dominate. A streamed chunk attends to the keys and values of all earlier frames, so
 the attention's share of the time grows with T (with --decoder-window W, of the last W - 1 frames
-only: time per frame flat too). Exact tiling reruns each tile once per GroupNorm
-(to gather whole-frame statistics) with a halo of context, so it trades time for memory.
+only: time per frame flat too). Exact tiling runs each tile once with a halo of context (the
+decoder's down path twice; benchmarks/tiling.py measures its cost against the frame size).
+`--out FILE` also writes every line and summary to a JSON file; summaries give each point's CPU time
+(`time.process_time`, less disturbed by other load than the wall time) and peak over the first
+fitted point's (`cpu_seconds_ratio`, `peak_ratio`), measured in the same run.
 """
 from __future__ import annotations
 
@@ -164,11 +167,11 @@ def _worker(spec: dict) -> dict:
         else:
             reset = _reset_hwm()
             before = _rss_bytes()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out_frames = call()
         if cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = (torch.cuda.max_memory_allocated() if cuda else _hwm_bytes()) - before
     dec = model.decoder
     tokens = (H // dec.mid_downsampling) * (W // dec.mid_downsampling)
@@ -176,7 +179,7 @@ def _worker(spec: dict) -> dict:
     history = slots * 2 * dec.size.depth * tokens * dec.size.width * 4
     kept = T if window is None else min(T, window - 1)  # frames of keys and values held at the end
     clip = 2 * 3 * H * W * 4 if (job, mode) == ("decode", "step") else 0  # x_t per chunk + the output
-    result = {"peak_bytes": peak, "before_bytes": before, "hwm_reset": reset, "seconds": seconds,
+    result = {"peak_bytes": peak, "before_bytes": before, "hwm_reset": reset, "seconds": seconds, "cpu_seconds": cpu_seconds,
               "out_frames": out_frames, "chunk_plan": plan, "decoder_window": window,
               "history_bytes_per_frame": history, "history_frames": kept, "history_bytes": history * kept,
               "clip_bytes_per_frame": clip,
@@ -244,6 +247,7 @@ def main() -> None:
                    help="decoder.temporal_window: the middle transformer attends the last W frames only "
                    "(default: every earlier frame)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--out", default="", help="also write every line and summary to this JSON file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
@@ -257,6 +261,12 @@ def main() -> None:
             "RSS high-water mark (VmHWM reset via /proc/self/clear_refs; else ru_maxrss) minus RSS before the call, "
             "glibc MALLOC_MMAP_THRESHOLD_=131072")
     method = f"fresh subprocess per configuration; {peak}; time = one cold call"
+    printed = []
+
+    def emit(line: dict) -> None:
+        printed.append(line)
+        print(json.dumps(line), flush=True)
+
     for job in args.jobs:
         for mode in JOBS[job]:
             if args.modes and mode not in args.modes:
@@ -268,11 +278,11 @@ def main() -> None:
                 line = {"what": "memory_vs_frames", "job": job, "mode": mode, "frames": frames, "config": config,
                         "hardware": _hardware(args.device), "memory_method": method}
                 if "error" in r:
-                    print(json.dumps({**line, "skipped": True, "reason": r["error"]}), flush=True)
+                    emit({**line, "skipped": True, "reason": r["error"]})
                     continue
                 points.append((frames, r))
-                print(json.dumps({**line, "value": r["peak_bytes"], "unit": "bytes", **r,
-                                  "seconds_per_frame": r["seconds"] / frames}), flush=True)
+                emit({**line, "value": r["peak_bytes"], "unit": "bytes", **r,
+                      "seconds_per_frame": r["seconds"] / frames})
             # below 1 + chunk frames a streamed clip is one shorter chunk: the slope is taken from there on
             fit = [(f, r) for f, r in points if f >= 1 + args.chunk]
             if len(fit) < 2:
@@ -282,6 +292,9 @@ def main() -> None:
             summary = {"what": "memory_vs_frames_summary", "job": job, "mode": mode, "config": config,
                        "frames": fs, "peak_bytes": peaks, "seconds": [round(r["seconds"], 3) for _, r in fit],
                        "peak_ratio_last_to_first": peaks[-1] / max(1, peaks[0]),
+                       "cpu_seconds": [round(r["cpu_seconds"], 3) for _, r in fit],
+                       "cpu_seconds_ratio": [round(r["cpu_seconds"] / fit[0][1]["cpu_seconds"], 3) for _, r in fit],
+                       "peak_ratio": [round(v / max(1, peaks[0]), 3) for v in peaks],
                        "slope_bytes_per_frame": _slope(fs, peaks)}
             errors = [r["max_abs_error_vs_one_pass"] for _, r in fit if r.get("max_abs_error_vs_one_pass") is not None]
             if errors:
@@ -294,7 +307,14 @@ def main() -> None:
                 # flat: over the whole range, the growth beyond the expected per-frame state is < 10 % of the first peak
                 extra = (summary["slope_bytes_per_frame"] - expected) * (fs[-1] - fs[0])
                 summary["flat_beyond_expected"] = extra < 0.1 * peaks[0]
-            print(json.dumps(summary), flush=True)
+            emit(summary)
+    if args.out:
+        from pathlib import Path
+
+        out = Path(__file__).resolve().parents[1] / args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                                   "lines": printed}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream in time: pixel frames per chunk after the first (a multiple of 4; --input streams "
                         "16 by default); equal to one pass, memory flat in clip length")
     e.add_argument("--tile", type=int, default=None,
-                   help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm statistics)")
+                   help="tile space: tile core size in pixels (exact: each tile runs once with a halo = receptive field)")
     e.set_defaults(run=cmd_encode)
 
     d = sub.add_parser("decode", help="decode a latent file into a video with a stage-1 export",
@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream in time: pixel frames per chunk after the first (a multiple of 4); the same clip "
                         "as one pass (the noise is drawn per frame from --seed), memory flat in clip length")
     d.add_argument("--tile", type=int, default=None,
-                   help="tile space: tile core size in pixels (exact: halo = receptive field, whole-frame norm "
-                        "statistics); the same clip as one pass")
+                   help="tile space: tile core size in pixels (exact: halo = receptive field, the middle transformer "
+                        "on the whole frame); the same clip as one pass")
     d.set_defaults(run=cmd_decode)
 
     from ulvideo.eval.fvd_presets import help_lines  # pure data: --help stays free of torch

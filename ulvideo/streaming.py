@@ -30,23 +30,18 @@ of cores shorter where the frame is not a multiple of `tile`) that partition it.
 core plus a halo of context, clipped to the frame, at least as wide as the receptive field of the
 convs up to where the tile's output is cropped (`conv_reach`, traced from the network, rounded up
 to the alignment); only the core's output is kept, so the zero padding at a tile's inner edges never
-reaches it and nothing is blended. Two parts of our networks see the whole frame:
-  * per-frame GroupNorm: the statistics are gathered across tiles (`layers.FrameStatistics`). For
-    norm k = 1..N in execution order, every tile runs up to norm k (norms < k with their statistics
-    fixed) and adds float64 sums over its core; then norm k's statistics are fixed; a last round
-    runs every tile through. N + 1 rounds, each running the tiles only as far as the norm being
-    gathered: up to N + 1 times the compute of one tiled pass, for the memory of one tile.
-  * the decoder's middle transformer (frame-wide attention): it runs once, on the whole frame's
-    (H/m) x (W/m) token grid (small). The tiled decoder runs the down path tile by tile up to the
-    middle input, assembles the grid, runs the transformer, then runs each tile again: the down
-    path, recomputed for the tile's skip tensors, and the up path on the middle output cropped to
-    the tile. Keeping the skips from the first pass instead would save that recompute but hold the
-    skips of the whole frame (every stage's activations, the largest at full resolution), which is
-    the memory tiling is there to avoid.
-Tiled encode and decode equal the one-pass networks up to fp32 round-off at every tile size, also
-streamed in time. For the diffusion decoder this happens at every network evaluation (each sampler
-step sees one x_t). A tile of t pixels runs on up to (t + 2 halo)^2 pixels (halo 40 px for the tiny
-networks, `encoder_halo` / `decoder_halo`), so tiles well above the halo waste least compute.
+reaches it and nothing is blended. The conv networks take no statistics over space (their norms are
+per position, `layers.ChannelRMSNorm`; the trace refuses a spatial reduction), so a tile needs
+nothing but its halo: the tiled encoder is one pass over the tiles. The decoder's middle transformer
+attends over the whole frame and runs once, on the whole (H/m) x (W/m) token grid (small): the
+down path runs tile by tile up to the middle input (with its own, narrower halo), then each tile
+runs again, the down path recomputed for the tile's skip tensors and the up path on the middle
+output cropped to the tile. Keeping the skips of the first pass would save that recompute but hold
+every stage's activations over the whole frame, the memory tiling is there to avoid. Peak memory is
+that of one tile (plus the frame's input, output and token grid). Tiled encode and decode equal the
+one-pass networks up to fp32 round-off at every tile size, also streamed in time, at every sampler
+step. Cost: a tile of t pixels runs on up to (t + 2 halo)^2 pixels (`encoder_halo`,
+`decoder_halos`: 20 and 48 px for configs/ul/tiny.yaml's networks), the decoder's down path twice.
 
 How to call it. This is the only decoder path: `UnifiedLatents.decode` is `decode(..., chunk=None)`.
 
@@ -69,7 +64,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ulvideo import diffusion as D
-from ulvideo.nets.layers import CausalCache, FrameStatistics, StatisticsMissing, shared_statistics, streaming
+from ulvideo.nets.layers import CausalCache, streaming
 
 NOISE_INIT, NOISE_STEP, NOISE_LATENT = 0, 1, 2  # purposes of the per-frame noise streams
 
@@ -157,10 +152,6 @@ class Tile:
     cx1: int
 
     @property
-    def size(self) -> tuple[int, int]:
-        return self.y1 - self.y0, self.x1 - self.x0
-
-    @property
     def core(self) -> tuple[int, int, int, int]:
         """The core in the tile's own coordinates: (y0, y1, x0, x1)."""
         return self.cy0 - self.y0, self.cy1 - self.y0, self.cx0 - self.x0, self.cx1 - self.x0
@@ -201,15 +192,29 @@ class _Reach(TorchFunctionMode):
     inputs' reach on. Cell sizes are read where the layout is known: at conv inputs and outputs,
     interpolation and pooling, and at the traced outputs. In between, a tensor carries (r, d) pairs,
     one per path whose resizing by a reshape (patching, depth-to-space) is not settled yet. That
-    covers pointwise ops, convs, resizing aligned to the cells and GroupNorm with shared statistics
-    (`layers.FrameStatistics`); not attention, which a traced pass must not contain.
+    covers pointwise ops, convs, resizing aligned to the cells and reductions over channels (the
+    per-position norms); not attention, which a traced pass must not contain. Statistics over space
+    (a norm over a frame, a reduction over H or W) have no finite reach: the trace refuses them.
     """
 
     RESIZE = ("interpolate", "avg_pool2d", "avg_pool3d", "max_pool2d", "max_pool3d")
+    FRAME_NORMS = ("group_norm", "batch_norm", "instance_norm")
+    REDUCTIONS = ("mean", "sum", "var", "std", "var_mean", "std_mean", "amax", "amin", "max", "min", "norm",
+                  "logsumexp", "softmax", "log_softmax")
 
     def __init__(self, size: tuple[int, int]):
         super().__init__()
         self.size, self.pairs, self.alive = size, {}, []  # alive: ids stay unique during the trace
+
+    def spatial_statistics(self, name: str, args, kwargs) -> bool:
+        """Whether this call reduces a (B, C, [T,] H, W) tensor of the trace over its H or W axis."""
+        x = args[0] if args and torch.is_tensor(args[0]) else None
+        if x is None or id(x) not in self.pairs or x.ndim < 4 or name not in self.FRAME_NORMS + self.REDUCTIONS:
+            return False
+        dim = kwargs.get("dim", args[1] if len(args) > 1 and not torch.is_tensor(args[1]) else None)
+        if name in self.FRAME_NORMS or dim is None:  # max/min of two tensors is no reduction
+            return name in self.FRAME_NORMS or len(args) == 1
+        return any(d % x.ndim >= x.ndim - 2 for d in ([dim] if isinstance(dim, int) else dim))
 
     def cell(self, x: torch.Tensor) -> int:
         """Pixels a cell of the (..., H, W) tensor x."""
@@ -228,10 +233,12 @@ class _Reach(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self.spatial_statistics(name, args, kwargs):
+            raise ValueError(f"'{name}' takes statistics over space: a tile cannot reproduce it from its halo")
         out = func(*args, **kwargs)
         inputs = _tensors((args, kwargs))
         pairs = {p for t in inputs for p in self.pairs.get(id(t), ())}
-        name = getattr(func, "__name__", "")
         if name in ("conv2d", "conv3d"):
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             d = self.cell(x)
@@ -254,9 +261,9 @@ class _Reach(TorchFunctionMode):
 def conv_reach(net: torch.nn.Module, fn, size: tuple[int, int]) -> int:
     """The largest reach (pixels) of the (..., H, W) tensors `fn()` returns, on inputs of `size` = (H, W)
     pixels: the context a tile needs around its core for its output there to equal the whole frame's
-    (see `_Reach`). `fn` runs `net` as one unchunked pass (an empty, non-recording cache shields any
+    (see `_Reach`). `fn` runs `net` as one unchunked pass (an empty cache, dropped after, shields any
     stream state)."""
-    with streaming(net, CausalCache(record=False)), _Reach(size) as trace:
+    with streaming(net, CausalCache()), _Reach(size) as trace:
         out = fn()
     return max(trace.reach(t) for t in _tensors(out))
 
@@ -265,45 +272,19 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-def _tiled(net: torch.nn.Module, run, x: torch.Tensor, layout: list[Tile], unit: int, cache: CausalCache | None = None,
-           slot=0, stats: FrameStatistics | None = None, record: bool = True) -> torch.Tensor:
+def _tiled(run, x: torch.Tensor, layout: list[Tile], unit: int, cache: CausalCache | None = None,
+           slot=0) -> torch.Tensor:
     """run(tile, x_tile) over the tiles of `layout`, the cores of its outputs (`unit` pixels a cell)
-    assembled, every `FrameGroupNorm` of `net` with whole-frame statistics gathered in rounds (`stats`:
-    continue from statistics already fixed). `cache.slot` is (slot, tile index): each tile streams
-    through its own state, which only the last round advances (and, with record=False, none)."""
-    stats = FrameStatistics() if stats is None else stats
-    keep = cache is not None and cache.record
-
-    def go(i: int, tile: Tile, final: bool) -> torch.Tensor:
+    assembled into the frame's. `cache.slot` is (slot, tile index): each tile streams through its own state."""
+    out = None
+    for i, tile in enumerate(layout):
         if cache is not None:
-            cache.slot, cache.record = (slot, i), keep and record and final
-        stats.begin(tile.core, tile.size)
-        return run(tile, x[..., tile.y0:tile.y1, tile.x0:tile.x1])
-
-    def reaches_the_end(i: int, tile: Tile) -> bool:
-        try:
-            go(i, tile, False)
-        except StatisticsMissing:
-            return False
-        return True
-
-    try:
-        with shared_statistics(net, stats):
-            # a round per norm: every tile stops at the first norm without statistics, adding its core's sums
-            while not reaches_the_end(0, layout[0]):
-                if any(reaches_the_end(i, t) for i, t in enumerate(layout[1:], 1)):
-                    raise RuntimeError("tiles ran different sequences of norms")
-                stats.fix()
-            out = None
-            for i, tile in enumerate(layout):
-                o = go(i, tile, True)
-                if out is None:
-                    out = o.new_empty(*o.shape[:-2], x.shape[-2] // unit, x.shape[-1] // unit)
-                y0, y1, x0, x1 = (c // unit for c in tile.core)
-                out[..., tile.cy0 // unit:tile.cy1 // unit, tile.cx0 // unit:tile.cx1 // unit] = o[..., y0:y1, x0:x1]
-    finally:
-        if cache is not None:
-            cache.record = keep
+            cache.slot = (slot, i)
+        o = run(tile, x[..., tile.y0:tile.y1, tile.x0:tile.x1])
+        if out is None:
+            out = o.new_empty(*o.shape[:-2], x.shape[-2] // unit, x.shape[-1] // unit)
+        y0, y1, x0, x1 = (c // unit for c in tile.core)
+        out[..., tile.cy0 // unit:tile.cy1 // unit, tile.cx0 // unit:tile.cx1 // unit] = o[..., y0:y1, x0:x1]
     return out
 
 
@@ -324,7 +305,7 @@ def _encode_call(enc, x: torch.Tensor, cache: CausalCache | None, layout: list[T
         if cache is not None:
             cache.slot = (0, 0)
         return enc(x)
-    return _tiled(enc, lambda tile, xt: enc(xt), x, layout, enc.spatial_downsample, cache)
+    return _tiled(lambda tile, xt: enc(xt), x, layout, enc.spatial_downsample, cache)
 
 
 @torch.no_grad()
@@ -357,30 +338,40 @@ def encode(model, x: torch.Tensor, chunk: int | None = 16, *, first: int | None 
 # ---- decode ---------------------------------------------------------------------------------------
 
 
-def decoder_halo(dec) -> int:
-    """Pixels of context a tile of the decoder needs on each side: the reach of the middle input (the
-    down path) and of the output (down and up path, the middle output given), rounded up to the
-    alignment (traced on one frame of the alignment's size)."""
+def decoder_halos(dec) -> tuple[int, int]:
+    """Pixels of context a tile of the decoder needs on each side: (the reach of the middle input, i.e.
+    of the down path; the reach of the output, down and up path with the middle output given), each
+    rounded up to the alignment (traced on one frame of the alignment's size)."""
     a = math.lcm(dec.spatial_downsample, dec.mid_downsampling)
     p = next(dec.parameters())
     x = torch.zeros(1, 3, 1, a, a, device=p.device, dtype=p.dtype)
     z0 = torch.zeros(1, dec.latent_channels, 1, a // dec.spatial_downsample, a // dec.spatial_downsample,
                      device=p.device, dtype=p.dtype)
+    emb = dec.embed(torch.zeros(1, device=p.device), x)
 
     def both_paths():
-        emb = dec.embed(torch.zeros(1, device=p.device), x)
         h, skips = dec.down(x, z0, emb)
-        return h, dec.up(torch.zeros(h.shape, device=h.device, dtype=h.dtype), skips, emb)
+        return dec.up(torch.zeros(h.shape, device=h.device, dtype=h.dtype), skips, emb)
 
-    return _round_up(conv_reach(dec, both_paths, (a, a)), a)
-
-
-def decoder_layout(dec, height: int, width: int, tiling: Tiling, halo: int | None = None) -> list[Tile]:
-    halo = decoder_halo(dec) if halo is None else halo
-    return tile_layout(height, width, tiling.tile, halo, math.lcm(dec.spatial_downsample, dec.mid_downsampling))
+    down = conv_reach(dec, lambda: dec.down(x, z0, emb)[0], (a, a))
+    return _round_up(down, a), _round_up(max(down, conv_reach(dec, both_paths, (a, a))), a)
 
 
-def _decoder_call(dec, x_t, z0, logsnr, cache: CausalCache | None, slot, layout: list[Tile] | None,
+@dataclass(frozen=True)
+class DecoderLayout:
+    """The decoder's tiles: the same cores with the down path's halo (`down`) and the whole network's (`full`)."""
+
+    down: list[Tile]
+    full: list[Tile]
+
+
+def decoder_layout(dec, height: int, width: int, tiling: Tiling, halos: tuple[int, int] | None = None) -> DecoderLayout:
+    down, full = decoder_halos(dec) if halos is None else halos
+    a = math.lcm(dec.spatial_downsample, dec.mid_downsampling)
+    return DecoderLayout(tile_layout(height, width, tiling.tile, down, a), tile_layout(height, width, tiling.tile, full, a))
+
+
+def _decoder_call(dec, x_t, z0, logsnr, cache: CausalCache | None, slot, layout: DecoderLayout | None,
                   start: int = 0) -> torch.Tensor:
     """The decoder network on x_t (frames from pixel frame `start` of the clip), tiled if `layout`."""
     if layout is None:
@@ -389,13 +380,14 @@ def _decoder_call(dec, x_t, z0, logsnr, cache: CausalCache | None, slot, layout:
         return dec(x_t, z0, logsnr)
     s, m, first = dec.spatial_downsample, dec.mid_downsampling, start == 0
     dec._check(x_t, z0, first)
-    emb, stats = dec.embed(logsnr, x_t), FrameStatistics()
+    emb = dec.embed(logsnr, x_t)
 
     def down(tile, xt):
         return dec.down(xt, z0[..., tile.y0 // s:tile.y1 // s, tile.x0 // s:tile.x1 // s], emb, first)
 
-    # the middle input, tile by tile (fixing the down path's statistics); nothing streams forward yet
-    h = _tiled(dec, lambda tile, xt: down(tile, xt)[0], x_t, layout, m, cache, slot, stats, record=False)
+    # the middle input, tile by tile with the down path's halo; these passes stream through their own
+    # slots (their tiles differ from the full ones by the halo)
+    h = _tiled(lambda tile, xt: down(tile, xt)[0], x_t, layout.down, m, cache, (slot, "down"))
     if cache is not None:
         cache.slot = (slot, None)  # the middle's keys and values: one stream for the whole frame
     mid = dec.middle(h, emb, (start, 0, 0))
@@ -403,17 +395,17 @@ def _decoder_call(dec, x_t, z0, logsnr, cache: CausalCache | None, slot, layout:
     def up(tile, xt):  # the down path again for the tile's skips, then the up path
         return dec.up(mid[..., tile.y0 // m:tile.y1 // m, tile.x0 // m:tile.x1 // m], down(tile, xt)[1], emb)
 
-    return _tiled(dec, up, x_t, layout, 1, cache, slot, stats)
+    return _tiled(up, x_t, layout.full, 1, cache, slot)
 
 
 def tiled_denoise(model, z0: torch.Tensor, tiling: Tiling) -> D.Denoise:
     """`denoise(x_t, logsnr)` running the decoder tile by tile over whole clips: a drop-in for
     `model.decoder_denoise(z0)` in `diffusion.sample`, equal to it up to fp32 round-off."""
-    dec, layout, halo = model.decoder, None, decoder_halo(model.decoder)
+    dec, layout, halos = model.decoder, None, decoder_halos(model.decoder)
 
     def denoise(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         nonlocal layout
-        layout = layout or decoder_layout(dec, x_t.shape[-2], x_t.shape[-1], tiling, halo)
+        layout = layout or decoder_layout(dec, x_t.shape[-2], x_t.shape[-1], tiling, halos)
         return _decoder_call(dec, x_t, z0, logsnr, None, 0, layout)
 
     return denoise
@@ -443,7 +435,7 @@ class _ChunkDecoder:
             self.steps = steps
             self.logsnrs = [float(v) for v in D.sampling_logsnrs(model.decoder_schedule, steps, logsnr_end=end)]
         self.tiling, self.layout = tiling, None
-        self.halo = decoder_halo(self.dec) if tiling is not None else None  # traced before any streaming
+        self.halos = decoder_halos(self.dec) if tiling is not None else None  # traced before any streaming
 
     def shape(self, z0: torch.Tensor, first: bool) -> tuple[int, ...]:
         k, s = self.dec.temporal_downsample, self.dec.spatial_downsample
@@ -462,7 +454,7 @@ class _ChunkDecoder:
         """The network output at sampler step `step` (index into self.logsnrs) for the frames from pixel
         frame `start`, tiled if asked."""
         if self.tiling is not None and self.layout is None:
-            self.layout = decoder_layout(self.dec, x_t.shape[-2], x_t.shape[-1], self.tiling, self.halo)
+            self.layout = decoder_layout(self.dec, x_t.shape[-2], x_t.shape[-1], self.tiling, self.halos)
         lam = torch.full((x_t.shape[0],), self.logsnrs[step], device=x_t.device)
         return _decoder_call(self.dec, x_t, z0, lam, cache, step, self.layout, start)
 

@@ -13,8 +13,8 @@ band: a token of frame f attends frames f - W + 1 .. f only (pixel frames: time 
 downsampled here), in the one-pass forward and in streaming alike. (The convs still reach further
 back, causally, through the stack; the band bounds what the middle must remember.)
 
-Conditioning: logSNR through adaptive per-frame GroupNorm in the residual blocks and adaLN in the
-transformer. z0 is aligned in time (latent frame 0 once, each later frame repeated 4 times), put
+Conditioning: logSNR through adaptive per-position RMS norms (FiLM) in the residual blocks and
+adaLN in the transformer. z0 is aligned in time (latent frame 0 once, each later frame repeated 4 times), put
 through a small per-frame conv stack at latent resolution and resized (sub-pixel depth-to-space up,
 average down) to every stage's resolution, where it is added to the trunk. Each injection's last conv starts at
 zero (see `LatentInjection`); the encoder's output starts at RMS ~1 (DESIGN.md "Start-up dynamics").
@@ -42,7 +42,7 @@ from einops import rearrange
 from torch import nn
 
 from ulvideo.attention import check_window
-from ulvideo.nets.layers import (CausalCache, CausalConv3d, FrameGroupNorm, LogSNREmbedding, ResBlock, batch_logsnr,
+from ulvideo.nets.layers import (CausalCache, CausalConv3d, ChannelRMSNorm, LogSNREmbedding, ResBlock, batch_logsnr,
                                  check_power_of_two, expand_latent_time, patchify, sincos_3d, unpatchify)
 from ulvideo.nets.sizes import resolve_decoder
 from ulvideo.nets.transformer import TransformerBlock
@@ -168,7 +168,7 @@ class Decoder(nn.Module):
                                  for s in range(n_stages))
         self.blocks = nn.ModuleList(blocks)
 
-        self.norm_out = FrameGroupNorm(ch[0])
+        self.norm_out = ChannelRMSNorm(ch[0])
         self.conv_out = CausalConv3d(ch[0], 3 * p * p, 3)
         # Zero output: the first prediction is 0 for every input (ADM), a bounded start for any
         # prediction target; the gradient reaches everything else from the second step on.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ulvideo.nets.layers import CausalCache, CausalConv3d, FrameGroupNorm, ResBlock, check_power_of_two, patchify
+from ulvideo.nets.layers import CausalCache, CausalConv3d, ChannelRMSNorm, ResBlock, check_power_of_two, patchify
 from ulvideo.nets.sizes import resolve_encoder
 
 
@@ -62,19 +62,20 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.downs = downs
 
-        # Output head: a per-frame norm over ALL channels and positions (one group; affine =
-        # identity at init), then a 1x1x1 conv with weights N(0, 1 / c) and zero bias. The norm
-        # makes the features' second moments sum to exactly c over the channels at every frame,
-        # so for ANY input E_w[mean(z_clean^2)] = c * (1 / c) = 1: z_clean starts with RMS ~ 1,
-        # far above the sigma0 ~ 0.08 noise floor (DESIGN.md "Start-up dynamics"). It is not an
-        # output normalisation: the conv's weights scale z freely afterwards.
-        # One group, not the trunk's groups of 4 channels: a per-group norm over a frame removes
-        # each group's scale, and when a frame holds one object on a flat background that scale
-        # is the object's contrast in those channels, i.e. its colour. With the trunk's grouping
-        # the latent keeps colour only as ratios inside groups and the networks learn it later:
-        # as a plain autoencoder on 1-frame shapes clips, colour right in 48% vs 100% of held-out
-        # clips at step 900, 86% vs 95% at 1200.
-        self.norm_out = FrameGroupNorm(c, groups=1)
+        # Output head: a per-position RMS norm over the channels (scale = 1 at init), then a 1x1x1
+        # conv with weights N(0, 1 / c) and zero bias. The norm makes the features' second moments
+        # sum to exactly c over the channels at every position, so for ANY input
+        # E_w[z_clean^2] = c * (1 / c) = 1 everywhere: z_clean starts with RMS ~ 1, far above the
+        # sigma0 ~ 0.08 noise floor (DESIGN.md "Start-up dynamics"). It is not an output
+        # normalisation: the conv's weights scale z freely afterwards.
+        # What the latent must carry survives it. The norm divides out only the length of each
+        # position's feature vector; an object's colour on a flat background is a contrast between
+        # positions (the object's features point elsewhere than the background's), which it keeps.
+        # A norm with statistics over the frame per group of channels (a per-frame GroupNorm with
+        # groups of 4) removes each group's contrast, i.e. the colour in those channels: as a plain
+        # autoencoder on 1-frame shapes clips, colour right in 48% of held-out clips at step 900
+        # against 100% with one group (tests/test_nets.py has the property).
+        self.norm_out = ChannelRMSNorm(c)
         self.conv_out = CausalConv3d(c, cfg.latent_channels, 1)
         nn.init.normal_(self.conv_out.conv.weight, std=c**-0.5)
         nn.init.zeros_(self.conv_out.conv.bias)

@@ -3,15 +3,16 @@
 Tensor convention (DESIGN.md §2): videos are (B, C, T, H, W) with pixels in [-1, 1]; an image is
 the T = 1 case and takes the same path. Every temporal operation in this package is causal:
   * `CausalConv3d` pads time on the left only, in one place (`_pad_time`);
-  * norms take statistics per frame (`FrameGroupNorm`) or per token (LayerNorm), never over time;
+  * norms take statistics per position over channels (`ChannelRMSNorm`) or per token (LayerNorm),
+    never over time, and in the conv networks never over space either;
   * patching is spatial only; temporal attention is causally masked where a network needs it.
 
 Streaming and tiling (ulvideo/streaming.py): `streaming(net, cache)` attaches one `CausalCache` to
 every module of `net` that keeps causal state (those declaring a class attribute `stream`), so a
-long video can run chunk by chunk in time with the same result as one pass; `shared_statistics(net,
-stats)` makes every `FrameGroupNorm` of `net` take its per-frame statistics from a `FrameStatistics`
-gathered over all spatial tiles of the frame, so a frame can run tile by tile with the same result
-as one pass. Outside these contexts nothing changes.
+long video can run chunk by chunk in time with the same result as one pass. The conv networks
+have no spatial statistics, so a tile of a frame run with a halo of context as wide as their
+receptive field gives the whole frame's result on its core, in one pass. Outside the streaming
+context nothing changes.
 """
 from __future__ import annotations
 
@@ -38,21 +39,18 @@ class CausalCache:
     One object per streamed call, never global: `streaming(net, cache)` attaches it to the modules
     that keep causal state, which read and write their own entry under the current `slot`. Slots
     separate independent streams through the same modules (the decoder uses one per sampler step
-    and spatial tile, the encoder one per tile). With `record=False` entries are read but nothing
-    is stored: a pass that must not advance the stream (a tile run only to gather statistics).
+    and spatial tile, the encoder one per tile).
     """
 
-    def __init__(self, record: bool = True):
+    def __init__(self):
         self.slot = None
-        self.record = record
         self._state: dict = {}
 
     def get(self, module: nn.Module):
         return self._state.get((self.slot, id(module)))
 
     def put(self, module: nn.Module, value) -> None:
-        if self.record:
-            self._state[(self.slot, id(module))] = value
+        self._state[(self.slot, id(module))] = value
 
     def clear(self) -> None:
         self._state.clear()
@@ -62,27 +60,22 @@ class CausalCache:
 
 
 @contextmanager
-def _attach(net: nn.Module, name: str, value, doing: str):
-    """Set `name` on every module of `net` whose class declares it, for the duration of the block.
+def streaming(net: nn.Module, cache: CausalCache):
+    """Attach `cache` to every stateful module of `net` (class attribute `stream`) for the block.
 
-    The attachment is an instance attribute shadowing the class's `name = None` and is removed on
+    The attachment is an instance attribute shadowing the class's `stream = None` and is removed on
     exit (also on error), so nothing leaks into later calls; nesting on the same modules is refused.
     """
-    mods = [m for m in net.modules() if hasattr(type(m), name)]
-    if any(name in vars(m) for m in mods):
-        raise RuntimeError(f"these modules are already {doing} with another {type(value).__name__}")
+    mods = [m for m in net.modules() if hasattr(type(m), "stream")]
+    if any("stream" in vars(m) for m in mods):
+        raise RuntimeError("these modules are already streaming with another CausalCache")
     for m in mods:
-        setattr(m, name, value)
+        m.stream = cache
     try:
-        yield value
+        yield cache
     finally:
         for m in mods:
-            vars(m).pop(name, None)
-
-
-def streaming(net: nn.Module, cache: CausalCache):
-    """Attach `cache` to every stateful module of `net` (class attribute `stream`) for the block."""
-    return _attach(net, "stream", cache, "streaming")
+            vars(m).pop("stream", None)
 
 
 class CausalConv3d(nn.Module):
@@ -130,120 +123,48 @@ class CausalConv3d(nn.Module):
         return self.conv(self._pad_time(x))
 
 
-def norm_groups(channels: int) -> int:
-    """GroupNorm groups: 32 for wide layers, fewer for narrow ones, keeping >= 4 channels a group."""
-    return math.gcd(32, max(1, channels // 4))
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over the channels of each position: y = x / sqrt(mean_c x^2 + eps) * weight.
 
-
-class StatisticsMissing(Exception):
-    """Raised by a `FrameGroupNorm` whose whole-frame statistics are still being gathered: the tile's
-    pass ends there (`FrameStatistics`)."""
-
-
-class FrameStatistics:
-    """Whole-frame GroupNorm statistics for a network run tile by tile (exact spatial tiling).
-
-    Under `shared_statistics(net, stats)`, the `FrameGroupNorm` calls of one pass of `net` over one
-    tile are numbered in execution order (`begin` starts the count). Call i normalises with
-    `fixed[i]`, the per-frame, per-group mean and variance of its input over the whole frame, once
-    known. The first call whose statistics are not known instead adds the sum and the sum of
-    squares of its input over the tile's core (the pixels the tile owns: the cores partition the
-    frame, so every pixel is counted once) to float64 accumulators and raises `StatisticsMissing`,
-    ending the pass. When every tile has been run to that point, `fix()` turns the sums into that
-    call's statistics, and the next round runs one norm further. A pass with all statistics known
-    runs through; with a halo covering the receptive field of its convs, its core equals the
-    one-pass network's (N norms: N + 1 rounds over the tiles, memory of one tile).
+    No statistics over space or time (Wan-VAE's choice for its causal video VAE, Wan et al. 2025,
+    per-position RMS norms with a learned scale): a position's output depends on that position's
+    channels only, so a network of these norms and causal convs has a finite receptive field in
+    space and is causal in time (DESIGN.md §2), and a spatial tile needs only its halo of context
+    to reproduce the whole frame's result exactly (ulvideo/streaming.py). What it divides out is the
+    length of each position's feature vector, never a contrast between positions: an object's
+    colour on a flat background stays in the direction of the features at the object's positions
+    (a norm with statistics per channel group over the frame removed it, see the encoder's head).
+    Statistics in float32; `affine=False` leaves the scale to the caller (FiLM in `ResBlock`).
     """
 
-    def __init__(self):
-        self.fixed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mean, var), each (B, G, 1, T, 1) float32
-        self._calls = 0
-        self._core = self._size = None
-        self._sums = None  # (count, sum, sum of squares) of the call being gathered
-
-    def begin(self, core: tuple[int, int, int, int], size: tuple[int, int]) -> None:
-        """A pass over a tile `size` = (H, W) pixels whose core is rows y0:y1, columns x0:x1 of it."""
-        self._calls, self._core, self._size = 0, core, size
-
-    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, G, C/G, T, h, w) float32, at a resolution that divides the tile's -> (mean, var)."""
-        i, self._calls = self._calls, self._calls + 1
-        if i < len(self.fixed):
-            return self.fixed[i]
-        h, w = x.shape[-2:]
-        d = self._size[0] // h
-        y0, y1, x0, x1 = self._core
-        if (d * h, d * w) != tuple(self._size) or any(c % d for c in self._core):
-            raise ValueError(f"a {h}x{w} norm input does not divide the {self._size} pixel tile with core "
-                             f"{self._core}: tile starts and cores must be aligned to every stride")
-        core = x[..., y0 // d:y1 // d, x0 // d:x1 // d].double()
-        sums = (core[0, 0, :, 0].numel(), core.sum(dim=(2, 4, 5)), core.square().sum(dim=(2, 4, 5)))
-        self._sums = sums if self._sums is None else tuple(a + b for a, b in zip(self._sums, sums))
-        raise StatisticsMissing
-
-    def fix(self) -> None:
-        """Statistics of the call gathered over all tiles: mean = S1 / n, var = S2 / n - mean^2."""
-        n, s1, s2 = self._sums
-        mean = s1 / n
-        var = (s2 / n - mean.square()).clamp_min(0)
-        self.fixed.append((mean.float()[:, :, None, :, None], var.float()[:, :, None, :, None]))
-        self._sums = None
-
-
-def shared_statistics(net: nn.Module, stats: FrameStatistics):
-    """Make every `FrameGroupNorm` of `net` use (and gather) `stats` for the duration of the block."""
-    return _attach(net, "frame_stats", stats, "sharing statistics")
-
-
-class FrameGroupNorm(nn.Module):
-    """GroupNorm with statistics over (C/G, H, W) of each frame separately: no statistics over time,
-    so a frame's output does not depend on later frames (DESIGN.md §2). Statistics in float32.
-    Under `shared_statistics` they come from the whole frame while the input is one tile of it."""
-
-    frame_stats: FrameStatistics | None = None
-
-    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-6, groups: int | None = None):
+    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-6):
         super().__init__()
-        self.groups = norm_groups(channels) if groups is None else groups
-        if self.groups < 1 or channels % self.groups:
-            raise ValueError(f"FrameGroupNorm: {channels} channels do not split into {self.groups} groups")
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, T, H, W = x.shape
-        if self.frame_stats is None:
-            # Frames as batch entries for the fused kernel: (B, C, T, H, W) -> (B T, C, H, W). Forward
-            # and backward run ~3x faster on CPU than the statistics written out below (the frame
-            # transposes included), with the same result to float32 rounding.
-            frames = x.float().transpose(1, 2).reshape(B * T, C, H, W)
-            y = F.group_norm(frames, self.groups, eps=self.eps).view(B, T, C, H, W).transpose(1, 2)
-            y = y.contiguous().to(x.dtype)
-        else:
-            xf = x.float().reshape(B, self.groups, C // self.groups, T, H * W)
-            mean, var = self.frame_stats.moments(xf.view(B, self.groups, C // self.groups, T, H, W))
-            y = ((xf - mean) * torch.rsqrt(var + self.eps)).reshape(B, C, T, H, W).to(x.dtype)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + self.eps)  # (B, C, T, H, W) / (B, 1, T, H, W)
         if self.weight is not None:
-            y = y * self.weight.view(1, C, 1, 1, 1) + self.bias.view(1, C, 1, 1, 1)
-        return y
+            y = y * self.weight.view(1, -1, *([1] * (x.ndim - 2)))
+        return y.to(x.dtype)
 
 
 class ResBlock(nn.Module):
     """Pre-norm residual block of two causal 3x3x3 convs.
 
-    With `emb_dim` > 0 the second norm is adaptive (FiLM on a per-frame GroupNorm: scale and shift
-    from the logSNR embedding, as in ADM's AdaGN). `zero_init` zeroes the last conv so the block
-    starts as the identity (ADM); the encoder keeps the default init so its features are non-trivial
-    from the first step.
+    With `emb_dim` > 0 the second norm is adaptive (FiLM on a per-position RMS norm: scale and shift
+    from the logSNR embedding, as ADM's AdaGN does on a GroupNorm). `zero_init` zeroes the last conv
+    so the block starts as the identity (ADM); the encoder keeps the default init so its features
+    are non-trivial from the first step.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 0, dropout: float = 0.0,
                  zero_init: bool = False):
         super().__init__()
-        self.norm1 = FrameGroupNorm(in_channels)
+        self.norm1 = ChannelRMSNorm(in_channels)
         self.conv1 = CausalConv3d(in_channels, out_channels, 3)
-        self.norm2 = FrameGroupNorm(out_channels, affine=emb_dim == 0)
+        self.norm2 = ChannelRMSNorm(out_channels, affine=emb_dim == 0)
         self.film = nn.Linear(emb_dim, 2 * out_channels) if emb_dim else None
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
