@@ -221,16 +221,22 @@ def _tiling(args):
     return streaming.Tiling(args.tile) if args.tile else None
 
 
+def _compile(args, *models) -> None:
+    """--compile: every network of these models through torch.compile, as `train.compile` does."""
+    if args.compile:
+        from ulvideo.train.apply import compile_networks
+
+        for m in models:
+            compile_networks(m)
+
+
 def cmd_encode(args) -> int:
     from ulvideo.cli_io import check_encode
     from ulvideo.exports import load_stage1
 
     check_encode(args)  # arguments and outputs, before the export is loaded
     model = load_stage1(args.export)
-    if args.compile:
-        from ulvideo.train.apply import compile_networks
-
-        compile_networks(model)
+    _compile(args, model)
     if args.data:
         from ulvideo.data.encode import encode_dataset
 
@@ -259,10 +265,7 @@ def cmd_decode(args) -> int:
         end = model.decoder_logsnr_end(args.logsnr_end)
     except ValueError as e:
         raise InputError(str(e)) from None
-    if args.compile:  # the one-pass decoder; --chunk / --tile passes run eager
-        from ulvideo.train.apply import compile_networks
-
-        compile_networks(model)
+    _compile(args, model)  # the one-pass decoder; --chunk / --tile passes run eager
     z, meta = read_latent(args.input, model.latent_channels)
     fps = latent_fps(meta, args.input) or 8.0  # the source's rate, as `encode --input` recorded it
     try:
@@ -305,11 +308,7 @@ def cmd_generate(args) -> int:
         pipe = load_pipeline(args.export, args.base, args.decoder_logsnr_end)
     except ValueError as e:  # a stop logSNR outside the decoder's schedule
         raise InputError(str(e)) from None
-    if args.compile:
-        from ulvideo.train.apply import compile_networks
-
-        compile_networks(pipe.stage1)
-        compile_networks(pipe.base)
+    _compile(args, pipe.stage1, pipe.base)
     context = None
     if args.context:
         try:
@@ -353,7 +352,7 @@ def cmd_train(args) -> int:
     from ulvideo.exports import ExportError
     from ulvideo.train.checkpoint import CheckpointError, SaveError
     from ulvideo.train.loop import NonFiniteError, Trainer, find_start, preflight_all, world_size_from_env
-    from ulvideo.train.rundir import RunLock, RunLocked
+    from ulvideo.train.rundir import RunLock, RunLocked, written
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     first = os.environ.get("RANK", "0") == "0"
@@ -393,30 +392,8 @@ def cmd_train(args) -> int:
             lock.release()
     if trainer.is_main:
         what = "done" if finished else "stopped (SIGTERM)"
-        print(f"{what}: step {trainer.step}\n" + "\n".join(f"  {line}" for line in _written(run_dir, cfg)), flush=True)
+        print(f"{what}: step {trainer.step}\n" + "\n".join(f"  {line}" for line in written(run_dir, cfg)), flush=True)
     return 0
-
-
-def _written(run_dir: Path, cfg) -> list[str]:
-    """What a finished run left in its run dir, and the command that uses it next."""
-    from ulvideo.train import checkpoint as ckpt
-
-    export = run_dir / "exports" / "latest.safetensors"
-    out = [f"exports: {export} (EMA weights; config in {export.with_suffix('.json').name})",
-           f"checkpoint: {run_dir / 'checkpoints' / (ckpt.latest_tag(run_dir / 'checkpoints') or '-')} "
-           "(rerunning the same command resumes from it)",
-           f"metrics: {run_dir / 'metrics.jsonl'} and TensorBoard {run_dir / 'tb'}"]
-    samples = sorted((run_dir / "samples").glob("step_*"))
-    if samples:
-        out.append(f"reconstructions: {samples[-1]} (recon_sheet.png: held-out inputs above their reconstructions)")
-    if cfg.stage in ("ul", "prior"):  # both leave a stage-1 export
-        latents = cfg.data.path.rstrip("/") + "_latents"
-        out.append(f"next: ulvideo encode --export {export} --data {cfg.data.path} --out {latents} && ulvideo train "
-                   f"configs/base/tiny.yaml --run-dir {run_dir}_base --base.stage1_export={export} --data.path={latents}")
-    else:
-        what = "--label 0" if cfg.base.num_classes else "--context VIDEO" if cfg.base.context_frames else '--prompt "..."'
-        out.append(f"next: ulvideo generate --export {cfg.base.stage1_export} --base {export} {what} --out clip.mp4")
-    return out
 
 
 def cmd_synth(args) -> int:

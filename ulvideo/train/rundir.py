@@ -251,3 +251,23 @@ class MetricLog:
                         self.tb.add_scalar(k, v, step)
                 self.tb.flush()
         return row
+
+
+def written(run_dir: Path, cfg) -> list[str]:
+    """What a finished run left in its run dir, and the command that uses it next."""
+    export = run_dir / "exports" / "latest.safetensors"
+    out = [f"exports: {export} (EMA weights; config in {export.with_suffix('.json').name})",
+           f"checkpoint: {run_dir / 'checkpoints' / (ckpt.latest_tag(run_dir / 'checkpoints') or '-')} "
+           "(rerunning the same command resumes from it)",
+           f"metrics: {run_dir / 'metrics.jsonl'} and TensorBoard {run_dir / 'tb'}"]
+    samples = sorted((run_dir / "samples").glob("step_*"))
+    if samples:
+        out.append(f"reconstructions: {samples[-1]} (recon_sheet.png: held-out inputs above their reconstructions)")
+    if cfg.stage in ("ul", "prior"):  # both leave a stage-1 export
+        latents = cfg.data.path.rstrip("/") + "_latents"
+        out.append(f"next: ulvideo encode --export {export} --data {cfg.data.path} --out {latents} && ulvideo train "
+                   f"configs/base/tiny.yaml --run-dir {run_dir}_base --base.stage1_export={export} --data.path={latents}")
+    else:
+        what = "--label 0" if cfg.base.num_classes else "--context VIDEO" if cfg.base.context_frames else '--prompt "..."'
+        out.append(f"next: ulvideo generate --export {cfg.base.stage1_export} --base {export} {what} --out clip.mp4")
+    return out
