@@ -55,6 +55,10 @@ class PriorConfig:
     widths: list[int] | None = None  # overrides of the named size (None = the size's value)
     depths: list[int] | None = None  # blocks per level (None = the size's value)
     dropout: float | None = None  # dropout probability (None = the size's value)
+    # stage: prior reads only this: the stage-1 export whose prior is trained further on the rate of
+    # its own frozen latents (the export's prior network and settings; its encoder and decoder are
+    # copied bit for bit into the refined export)
+    stage1_export: str = ""
 
 
 @dataclass
@@ -230,7 +234,9 @@ class TrainConfig:
 class Config:
     """One run: the stage, its networks and objective, data, evaluation and training."""
 
-    stage: Literal["ul", "base"] = "ul"  # ul: stage 1 (encoder, prior, decoder); base: stage 2 (base model)
+    # ul: stage 1 (encoder, prior, decoder); prior: refine a stage-1 export's prior on its frozen
+    # latents (prior.stage1_export); base: stage 2 (base model)
+    stage: Literal["ul", "prior", "base"] = "ul"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -91,7 +91,9 @@ class UnifiedLatents(nn.Module):
         self.encoder = self.build_encoder(cfg)
         self.prior = LatentTransformer(cfg.prior, e.latent_channels)
         self.decoder = Decoder(cfg.decoder, e.latent_channels, e.temporal_downsample, e.spatial_downsample)
-        self.prior_schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)
+        # the rate's lambda density: p(lambda) ~ sigmoid(lambda) (`diffusion.SoftplusSchedule`), the shape of
+        # the unweighted ELBO's integrand, an importance-sampled estimate of the same L_prior
+        self.prior_schedule = D.SoftplusSchedule(u.latent_logsnr, u.prior_logsnr_min)
         self.decoder_schedule = D.CosineSchedule(cfg.decoder.logsnr_max, cfg.decoder.logsnr_min, cfg.decoder.shift)
         a0, s0 = D.alpha_sigma(torch.tensor(u.latent_logsnr, dtype=torch.float64))
         self.alpha0, self.sigma0 = float(a0), float(s0)
@@ -261,7 +263,9 @@ class LatentDiffusion(nn.Module):
         self.latent_channels = stage1_cfg.encoder.latent_channels
         self.net = LatentTransformer(cfg.base, self.latent_channels, text_dim=text_dim)
         u = stage1_cfg.ul
-        self.schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)
+        self.schedule = D.CosineSchedule(u.latent_logsnr, u.prior_logsnr_min)  # training and sampling
+        # the unweighted ELBO (tightness) is estimated as the stage-1 prior's rate is, with the same draws
+        self.elbo_schedule = D.SoftplusSchedule(u.latent_logsnr, u.prior_logsnr_min)
 
     def denoise(self, cond: Condition):
         return lambda z, logsnr: self.net(z, logsnr, text_emb=cond.text_emb, text_mask=cond.text_mask,
@@ -283,7 +287,7 @@ class LatentDiffusion(nn.Module):
     def elbo_bits(self, z_clean: torch.Tensor, cond: Condition, num_logsnrs: int = 32, seed: int = 0) -> torch.Tensor:
         """Unweighted ELBO per clip in bits over the generated frames, K stratified logSNRs per clip with
         a fixed seed: with the null condition the quantity the stage-1 prior's bits bound (the tightness check)."""
-        return D.stratified_elbo_bits(self.denoise(cond), z_clean, self.schedule, self.cfg.base.prediction,
+        return D.stratified_elbo_bits(self.denoise(cond), z_clean, self.elbo_schedule, self.cfg.base.prediction,
                                       num_logsnrs, seed, self.target_mask(z_clean, cond))
 
     @torch.no_grad()

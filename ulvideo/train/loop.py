@@ -242,7 +242,8 @@ class Trainer:
             log.info("resumed from %s (step %d)%s", self.ckpt_dir / r.tag, self.step, how)
             # a run that died between its last checkpoint and that checkpoint's export
             rundir.sync_exports(self.run_dir, self.cfg.stage, self.step, self.ckpt_dir, r.tag, self.cfg,
-                                self._export_meta(), self.cfg.train.keep_last, log.warning)
+                                self._export_meta(), self.cfg.train.keep_last, log.warning,
+                                contents=self.objective.export_contents)
 
     def _export_meta(self) -> dict:
         return {"step": self.step, "stage": self.cfg.stage, **self.objective.export_meta()}
@@ -267,8 +268,8 @@ class Trainer:
             with ckpt.writing(self.ckpt_dir / tmp_tag, "checkpoint"):
                 ckpt.finish_save(self.ckpt_dir, self.step, weights, self._state(), self.cfg.train.keep_last)
             ckpt.fault_pause("committed", self.step)
-            rundir.write_exports(self.run_dir, self.cfg.stage, self.step, weights, self.cfg, self._export_meta(),
-                                 self.cfg.train.keep_last)
+            w, cfg, meta = self.objective.export_contents(weights, self.cfg, self._export_meta())  # prior: a stage-1 export
+            rundir.write_exports(self.run_dir, self.cfg.stage, self.step, w, cfg, meta, self.cfg.train.keep_last)
         torch.distributed.barrier()
         self.saved_step = self.step
 

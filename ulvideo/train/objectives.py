@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ulvideo.baselines import build_stage1
 from ulvideo.config import Config, ConfigError
+from ulvideo import diffusion as D
 from ulvideo.diffusion import LN2
 from ulvideo.startup import StartupTerm
 from ulvideo.ul import UnifiedLatents, rate_gradient_scale
@@ -42,6 +43,10 @@ class Objective(nn.Module):
 
     def export_meta(self) -> dict:
         return {}
+
+    def export_contents(self, weights: dict, cfg: Config, meta: dict) -> tuple[dict, Config, dict]:
+        """What an export holds: by default the trained module's EMA weights, the run's config and `meta`."""
+        return weights, cfg, meta
 
     def prepare_evaluation(self, device) -> None:
         """Once, on rank 0, before the first step: load what evaluation needs, say what it will skip."""
@@ -91,6 +96,8 @@ class StageOne(Objective):
             "bits_per_latent_dim": terms.rate.detach() / LN2 / (c * tl * hl * wl),
             "terminal_kl_bits": terms.rate_terminal.detach() / LN2,
             "decoder_loss_bits_per_pixel": terms.distortion.detach() / LN2 / pixels,
+            # RMS of the noisy latent the decoder sees: sigma_0 = 0.082 when z_clean has collapsed to 0
+            "z0_rms": terms.z0.detach().float().pow(2).flatten(1).mean(1).sqrt(),
         }
         for name, value in terms.extra().items():
             logs[f"{name}_bits_per_pixel"] = value.detach() / LN2 / pixels
@@ -281,13 +288,131 @@ class StageTwo(Objective):
         return build_loader(self.cfg.data, micro_batch_size=self.cfg.eval.num_clips, seed=12345, rank=0, world_size=1, split=split)
 
 
-OBJECTIVES = {"ul": StageOne, "base": StageTwo}
+class PriorRefinement(Objective):
+    """`stage: prior`: the prior of a stage-1 export (`prior.stage1_export`) trained further on the rate
+    of that export's own latents, L_prior(z_clean) exactly as in stage 1 (same network, prediction,
+    lambda range and estimator), with the encoder frozen.
+
+    Only the prior is a submodule: the encoder and decoder sit in a plain list, outside what
+    DeepSpeed wraps, so no optimizer state exists for them and nothing can move them. Every export
+    is a complete stage-1 export (stage "ul"): the source's config and weights, bit for bit, with
+    the prior's replaced by the EMA of the refined one; `meta` keeps the source's and adds
+    `prior_refine_steps` and the source's file and sha256. Any prior gives an upper bound on the
+    same latents' bitrate, so a lower held-out rate is a tighter bound on the same code.
+    """
+
+    progress_keys = ("loss", "bits_per_pixel")
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        import copy
+
+        from ulvideo.exports import file_sha256, load_export, load_stage1
+
+        self.cfg = cfg
+        path = Path(cfg.prior.stage1_export).with_suffix(".safetensors")
+        self._source, _, self._source_meta = load_export(path)
+        self._source_file = (str(path), file_sha256(path))
+        stage1 = load_stage1(path)
+        self._frozen = [stage1]  # a plain list: not a submodule, so DeepSpeed neither trains nor holds it
+        self.model = copy.deepcopy(stage1.prior).requires_grad_(True).train()
+        self._heldout = None
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.model
+
+    @property
+    def stage1(self) -> UnifiedLatents:
+        return self._frozen[0]
+
+    def batch_size(self, batch: dict) -> int:
+        return len(batch["caption"])
+
+    def _latents(self, batch: dict, device, dtype) -> torch.Tensor:
+        s1 = self.stage1
+        if next(s1.parameters()).device != device:
+            s1.to(device)
+        with torch.no_grad():
+            z = batch["z_clean"] if "z_clean" in batch else s1.encode(batch["video"].to(device, torch.float32))
+        return z.to(dtype)
+
+    def _pixels(self, z: torch.Tensor) -> int:
+        e = self.stage1.cfg.encoder
+        return (1 + e.temporal_downsample * (z.shape[2] - 1)) * z.shape[3] * z.shape[4] * e.spatial_downsample ** 2
+
+    def forward(self, batch: dict, generator: torch.Generator, step: int):
+        p = next(self.model.parameters())
+        z = self._latents(batch, p.device, p.dtype)
+        s1 = self.stage1
+        terms = D.elbo(self.model, z, s1.prior_schedule, s1.cfg.prior.prediction, generator=generator,
+                       time_sampling=s1.cfg.ul.time_sampling)
+        rate = terms.total
+        loss = rate.mean() / z[0].numel()
+        bits = rate.detach() / LN2
+        return loss, {"loss": loss.detach(), "bits_per_clip": bits, "bits_per_pixel": bits / self._pixels(z),
+                      "bits_per_latent_dim": bits / z[0].numel(), "terminal_kl_bits": terms.terminal.detach() / LN2}
+
+    def log_constants(self, step: int) -> dict[str, float]:
+        u = self.stage1.cfg.ul
+        return {"latent_logsnr": u.latent_logsnr, "prior_logsnr_min": u.prior_logsnr_min, "loss_factor": u.loss_factor,
+                "sigmoid_bias": u.sigmoid_bias}
+
+    def export_contents(self, weights: dict, cfg: Config, meta: dict) -> tuple[dict, Config, dict]:
+        full = dict(self._source)
+        for k, v in weights.items():
+            full[f"prior.{k}"] = v
+        meta = {**self._source_meta, "prior_refine_steps": meta["step"], "prior_refined_from": self._source_file[0],
+                "prior_refined_from_sha256": self._source_file[1]}
+        return full, self.stage1.cfg, meta
+
+    @torch.no_grad()
+    def evaluate(self, ema_weights: dict, out_dir: Path, step: int) -> dict:
+        """Held-out rate before (the source export's prior) and after refinement, K stratified logSNRs."""
+        import copy
+
+        from ulvideo.data import build_loader
+
+        if self._heldout is None:
+            d = self.cfg.data
+            split = "heldout" if d.heldout_fraction > 0 else "train"
+            self._heldout = next(iter(build_loader(d, micro_batch_size=self.cfg.eval.num_clips, seed=12345, rank=0,
+                                                   world_size=1, split=split)))
+        s1 = self.stage1
+        z = self._latents(self._heldout, torch.device("cpu"), torch.float32)
+        refined = copy.deepcopy(s1).cpu()
+        refined.prior.load_state_dict(ema_weights)
+        k = s1.cfg.ul.eval_logsnr_samples
+        before, after = s1.cpu().rate_bits(z, k, seed=0).mean().item(), refined.rate_bits(z, k, seed=0).mean().item()
+        return {"latents": z.shape[0], "logsnr_samples": k, "stage1_prior_bits_per_clip": before,
+                "refined_prior_bits_per_clip": after, "refined_bits_per_pixel": after / self._pixels(z),
+                "refined_over_stage1": after / before}
+
+    def describe_evaluation(self, out: dict) -> str:
+        return (f"prior {out['stage1_prior_bits_per_clip']:.1f} -> {out['refined_prior_bits_per_clip']:.1f} bits/clip "
+                f"(x{out['refined_over_stage1']:.3f}, {out['refined_bits_per_pixel']:.4g} bits/pixel; "
+                f"K = {out['logsnr_samples']})")
+
+
+OBJECTIVES = {"ul": StageOne, "prior": PriorRefinement, "base": StageTwo}
 
 
 def shard_encoding(path: str) -> dict | None:
     """The `encoding.json` that `ulvideo encode --data` writes beside latent shards, if any."""
     f = Path(path) / "encoding.json"
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def check_shards_belong(data_path: str, export: str, key: str) -> None:
+    """Latent shards (`ulvideo encode --data`) must come from the stage-1 export the run names."""
+    info = shard_encoding(data_path)
+    if info is not None:
+        from ulvideo.exports import file_sha256
+
+        path = Path(export).with_suffix(".safetensors")
+        if info.get("stage1_sha256") != file_sha256(path):
+            raise ConfigError(f"data.path '{data_path}' holds latents of another stage-1 export "
+                              f"({info.get('stage1_export')}), not of {key} = {path}")
 
 
 def make_objective(cfg: Config) -> Objective:
@@ -308,6 +433,14 @@ def preflight(cfg: Config) -> None:
                               "stage 2 evaluates bits. Score its generated clips with `ulvideo fvd calc`")
         if cfg.eval.fvd_preset not in PRESETS:
             raise ConfigError(f"eval.fvd_preset = {cfg.eval.fvd_preset!r} is not an FVD preset (known: {', '.join(PRESETS)})")
+    if cfg.stage == "prior":
+        from ulvideo.exports import ExportError, load_export
+
+        _, _, meta = load_export(cfg.prior.stage1_export)  # raises a clear error when missing or broken
+        if meta.get("stage", "ul") != "ul":
+            raise ExportError(f"prior.stage1_export = {cfg.prior.stage1_export} is a '{meta.get('stage')}' export, "
+                              "not a stage-1 (ul) export")
+        check_shards_belong(cfg.data.path, cfg.prior.stage1_export, "prior.stage1_export")
     if cfg.stage == "base":
         from ulvideo.exports import load_export
 
@@ -316,14 +449,7 @@ def preflight(cfg: Config) -> None:
         if name not in ("none", "minilm") and not Path(name).is_dir():
             raise ConfigError(f"base.text_encoder = '{name}': no such local text-encoder folder "
                               "(use 'minilm', 'none', or a local Hugging Face T5/CLIP folder)")
-        info = shard_encoding(cfg.data.path)
-        if info is not None:
-            from ulvideo.exports import file_sha256
-
-            export = Path(cfg.base.stage1_export).with_suffix(".safetensors")
-            if info.get("stage1_sha256") != file_sha256(export):
-                raise ConfigError(f"data.path '{cfg.data.path}' holds latents of another stage-1 export "
-                                  f"({info.get('stage1_export')}), not of base.stage1_export = {export}")
+        check_shards_belong(cfg.data.path, cfg.base.stage1_export, "base.stage1_export")
     from ulvideo.data.storage import is_url
 
     remote = is_url(cfg.data.path) or "{" in cfg.data.path or "::" in cfg.data.path  # URLs, brace patterns, a::b

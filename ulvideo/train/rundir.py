@@ -149,10 +149,13 @@ def write_exports(run_dir: Path, stage: str, step: int, weights: dict[str, torch
 
 
 def sync_exports(run_dir: Path, stage: str, step: int, ckpt_dir: Path, tag: str, cfg: Config, meta: dict,
-                 keep_last: int, warn: Callable[[str], None]) -> bool:
+                 keep_last: int, warn: Callable[[str], None],
+                 contents: Callable[[dict, Config, dict], tuple[dict, Config, dict]] | None = None) -> bool:
     """Rewrite the exports of checkpoint `tag` (step `step`) from its ema.safetensors unless
-    `exports/latest` and the per-step export are already complete exports of that step. True when
-    they were rewritten."""
+    `exports/latest` and the per-step export are already complete exports of that step. `contents`
+    maps (EMA weights, config, meta) to what the export holds, as `Trainer.save` does through the
+    objective (a `stage: prior` export is a whole stage-1 export); None: those three as they are.
+    True when they were rewritten."""
     latest = run_dir / "exports" / "latest.safetensors"
     have = export_step(latest)
     if have == step and export_step(step_export(run_dir, stage, step)) == step:
@@ -160,7 +163,10 @@ def sync_exports(run_dir: Path, stage: str, step: int, ckpt_dir: Path, tag: str,
     was = "is missing or incomplete" if have is None else f"holds step {have}"
     warn(f"{latest} {was}, not step {step} of the newest checkpoint: rewriting it from "
          f"{ckpt_dir / tag / 'ema.safetensors'}")
-    write_exports(run_dir, stage, step, ckpt.read_ema(ckpt_dir, tag), cfg, meta, keep_last)
+    weights = ckpt.read_ema(ckpt_dir, tag)
+    if contents is not None:
+        weights, cfg, meta = contents(weights, cfg, meta)
+    write_exports(run_dir, stage, step, weights, cfg, meta, keep_last)
     return True
 
 
@@ -257,7 +263,7 @@ def written(run_dir: Path, cfg) -> list[str]:
     samples = sorted((run_dir / "samples").glob("step_*"))
     if samples:
         out.append(f"reconstructions: {samples[-1]} (recon_sheet.png: held-out inputs above their reconstructions)")
-    if cfg.stage == "ul":
+    if cfg.stage in ("ul", "prior"):  # both leave a stage-1 export
         latents = cfg.data.path.rstrip("/") + "_latents"
         out.append(f"next: ulvideo encode --export {export} --data {cfg.data.path} --out {latents} && ulvideo train "
                    f"configs/base/tiny.yaml --run-dir {run_dir}_base --base.stage1_export={export} --data.path={latents}")
