@@ -61,6 +61,11 @@ def add_noise(x: torch.Tensor, logsnr: torch.Tensor, eps: torch.Tensor) -> torch
 # --------------------------------------------------------------------------------------------
 
 
+def _check_order(logsnr_max: float, logsnr_min: float) -> None:
+    if not logsnr_min < logsnr_max:
+        raise ValueError(f"logsnr_min {logsnr_min} must be below logsnr_max {logsnr_max}")
+
+
 @dataclass(frozen=True)
 class CosineSchedule:
     """Truncated shifted cosine: lambda(t) = -2 log tan(u0 + t (u1 - u0)) + shift.
@@ -75,8 +80,7 @@ class CosineSchedule:
     shift: float = 0.0
 
     def __post_init__(self):
-        if not self.logsnr_min < self.logsnr_max:
-            raise ValueError(f"logsnr_min {self.logsnr_min} must be below logsnr_max {self.logsnr_max}")
+        _check_order(self.logsnr_max, self.logsnr_min)
 
     @property
     def _u(self) -> tuple[float, float]:
@@ -114,8 +118,7 @@ class LinearSchedule:
     shift: float = 0.0  # unused; kept so that every schedule takes the same arguments
 
     def __post_init__(self):
-        if not self.logsnr_min < self.logsnr_max:
-            raise ValueError(f"logsnr_min {self.logsnr_min} must be below logsnr_max {self.logsnr_max}")
+        _check_order(self.logsnr_max, self.logsnr_min)
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
         return _out(self.logsnr_max + t.double() * (self.logsnr_min - self.logsnr_max), t)
@@ -147,8 +150,7 @@ class SoftplusSchedule:
     shift: float = 0.0
 
     def __post_init__(self):
-        if not self.logsnr_min < self.logsnr_max:
-            raise ValueError(f"logsnr_min {self.logsnr_min} must be below logsnr_max {self.logsnr_max}")
+        _check_order(self.logsnr_max, self.logsnr_min)
 
     @property
     def _s(self) -> tuple[float, float]:

@@ -179,7 +179,25 @@ class StageOne(Objective):
         return line
 
 
-class StageTwo(Objective):
+class OnFrozenStageOne(Objective):
+    """An objective that trains `self.model` on the latents of a stage-1 model it holds frozen."""
+
+    def hold(self, stage1: UnifiedLatents) -> None:
+        self._frozen = [stage1]  # a plain list: not a submodule, so DeepSpeed neither trains nor shards it
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.model
+
+    @property
+    def stage1(self) -> UnifiedLatents:
+        return self._frozen[0]
+
+    def batch_size(self, batch: dict) -> int:
+        return len(batch["caption"])
+
+
+class StageTwo(OnFrozenStageOne):
     """The base model on frozen stage-1 latents: sigmoid-weighted loss, CFG dropout of all conditions."""
 
     progress_keys = ("loss", "base_loss_bits_per_latent_dim")
@@ -194,7 +212,7 @@ class StageTwo(Objective):
         stage1 = load_stage1(cfg.base.stage1_export)
         self.stage1_cfg = stage1.cfg
         self.text = None if cfg.base.text_encoder == "none" else load_text_encoder(cfg.base.text_encoder, cfg.base.text_max_tokens)
-        self._frozen = [stage1]  # a plain list: not a submodule, so DeepSpeed neither trains nor shards it
+        self.hold(stage1)
         self.model = LatentDiffusion(cfg, stage1.cfg, text_dim=self.text.dim if self.text else 0)
         self._heldout = None
         # text embeddings cached in latent shards are used only if the same encoder made them
@@ -206,17 +224,6 @@ class StageTwo(Objective):
                 "text embeddings cached in %s were made by %s with %s tokens; this run uses %s with %d: "
                 "captions are encoded every step instead", cfg.data.path, info.get("text_encoder"),
                 info.get("text_max_tokens"), self.text.fingerprint(), self.text.max_tokens)
-
-    @property
-    def trained(self) -> nn.Module:
-        return self.model
-
-    @property
-    def stage1(self) -> UnifiedLatents:
-        return self._frozen[0]
-
-    def batch_size(self, batch: dict) -> int:
-        return len(batch["caption"])
 
     @torch.no_grad()
     def latents_and_condition(self, batch: dict):
@@ -288,7 +295,7 @@ class StageTwo(Objective):
         return build_loader(self.cfg.data, micro_batch_size=self.cfg.eval.num_clips, seed=12345, rank=0, world_size=1, split=split)
 
 
-class PriorRefinement(Objective):
+class PriorRefinement(OnFrozenStageOne):
     """`stage: prior`: the prior of a stage-1 export (`prior.stage1_export`) trained further on the rate
     of that export's own latents, L_prior(z_clean) exactly as in stage 1 (same network, prediction,
     lambda range and estimator), with the encoder frozen.
@@ -314,20 +321,9 @@ class PriorRefinement(Objective):
         self._source, _, self._source_meta = load_export(path)
         self._source_file = (str(path), file_sha256(path))
         stage1 = load_stage1(path)
-        self._frozen = [stage1]  # a plain list: not a submodule, so DeepSpeed neither trains nor holds it
+        self.hold(stage1)
         self.model = copy.deepcopy(stage1.prior).requires_grad_(True).train()
         self._heldout = None
-
-    @property
-    def trained(self) -> nn.Module:
-        return self.model
-
-    @property
-    def stage1(self) -> UnifiedLatents:
-        return self._frozen[0]
-
-    def batch_size(self, batch: dict) -> int:
-        return len(batch["caption"])
 
     def _latents(self, batch: dict, device, dtype) -> torch.Tensor:
         s1 = self.stage1
