@@ -4,7 +4,7 @@ on the same held-out clips.
     python benchmarks/real_footage.py build --out data/real64x33 --frames 33 --size 64 --pans 6 --zooms 6
     python benchmarks/real_footage.py build --out data/real64x9 --frames 9 --size 64
     python benchmarks/rate_distortion.py            # the full sweep
-    python benchmarks/rate_distortion.py --quick    # two loss factors, one KL weight, fewer steps
+    python benchmarks/rate_distortion.py --quick    # UL at 1.5 and 3, KL-VAE at 0.01: three runs at once
     python benchmarks/rate_distortion.py --export runs/real_48/exports/latest.safetensors --out m.json
                                                     # measure exports you trained; no sweep
 
@@ -37,10 +37,12 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,10 @@ REFINE_CONFIG = "configs/ul/real_48_prior.yaml"
 LOSS_FACTORS = (1.5, 2.0, 3.0, 5.0)
 KL_WEIGHTS = (1e-3, 1e-2, 1e-1)
 CRFS = (18, 23, 28, 33, 38, 43, 48, 51)
-QUICK = {"loss_factors": (1.5, 3.0), "kl_weights": (1e-2,), "steps": 300, "refine_steps": 100, "decoder_steps": 16}
+# the quick sweep's three training runs go at once (one thread each on a 2-core machine); its rates come
+# from the jointly trained priors, and its runs are the full sweep's (the same configs: cached)
+QUICK = {"loss_factors": (1.5, 3.0), "kl_weights": (1e-2,), "steps": 300, "refine_steps": 0, "decoder_steps": 16,
+         "parallel": 3, "crfs": (18, 28, 38, 48)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +86,8 @@ def config_key(cfg_dict: dict, data_sha: str) -> str:
     return hashlib.sha256(json.dumps({"config": d, "data": data_sha}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_run(config: str, overrides: list[str], data: str, runs: Path, label: str, data_sha: str) -> Path:
+def train_run(config: str, overrides: list[str], data: str, runs: Path, label: str, data_sha: str,
+              env: dict | None = None) -> Path:
     """Train (or reuse) one stage-1 run; its export."""
     from ulvideo.config import load_config, to_dict
 
@@ -92,11 +98,11 @@ def train_run(config: str, overrides: list[str], data: str, runs: Path, label: s
     export = run / "exports" / "latest.safetensors"
     if not _finished(export, cfg.train.steps):
         subprocess.run([sys.executable, "-m", "ulvideo", "train", str(ROOT / config), "--run-dir", str(run), *overrides],
-                       cwd=ROOT, check=True)
+                       cwd=ROOT, check=True, env=env)
     return export
 
 
-def refine_run(config: str, export: Path, steps: int, data: str, overrides: list[str]) -> Path:
+def refine_run(config: str, export: Path, steps: int, data: str, overrides: list[str], env: dict | None = None) -> Path:
     """The stage-1 export with its prior refined on its own frozen latents (`config`, a `stage: prior`
     config, for `steps` steps); the export itself for steps = 0."""
     from ulvideo.config import load_config, to_dict
@@ -110,7 +116,7 @@ def refine_run(config: str, export: Path, steps: int, data: str, overrides: list
     if not _finished(out, steps, key="prior_refine_steps"):
         subprocess.run([sys.executable, "-m", "ulvideo", "train", str(ROOT / config), "--run-dir", str(run), *overrides,
                         f"--prior.stage1_export={export}", f"--data.path={data}", f"--train.steps={steps}",
-                        f"--train.ckpt_every={steps}", "--eval.every=0"], cwd=ROOT, check=True)
+                        f"--train.ckpt_every={steps}", "--eval.every=0"], cwd=ROOT, check=True, env=env)
     return out
 
 
@@ -265,9 +271,11 @@ def main(argv=None) -> dict:
     p.add_argument("--refine-steps", type=int, default=None, help="prior refinement steps after stage 1 (0 = none)")
     p.add_argument("--decoder-steps", type=int, default=None, help="DDPM steps of the reconstructions (default 32)")
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
-    p.add_argument("--crfs", default=",".join(map(str, CRFS)), help="x264/x265 CRFs ('' = no codecs)")
+    p.add_argument("--crfs", default=None, help=f"x264/x265 CRFs ('' = no codecs; default {','.join(map(str, CRFS))})")
     p.add_argument("--clips", type=int, default=None, help="measure only the first N test clips")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--parallel", type=int, default=None,
+                   help="training runs at once, each with its share of the CPU threads (default 1; quick: 2)")
     p.add_argument("--runs", default="runs/rate_distortion")
     p.add_argument("--out", default=None, help="default benchmarks/results/rate_distortion[_quick].json")
     p.add_argument("--export", action="append", default=[],
@@ -278,6 +286,7 @@ def main(argv=None) -> dict:
         if bad:
             p.error(f"unrecognized arguments: {' '.join(bad)}")
     q = QUICK if args.quick else {}
+    args.parallel = args.parallel or q.get("parallel", 1)
     factors = [float(v) for v in args.loss_factors.split(",")] if args.loss_factors else list(q.get("loss_factors", LOSS_FACTORS))
     betas = [float(v) for v in args.kl_weights.split(",")] if args.kl_weights else list(q.get("kl_weights", KL_WEIGHTS))
     from ulvideo.config import load_config
@@ -308,20 +317,27 @@ def main(argv=None) -> dict:
                      "prior_logsnr_min": base.ul.prior_logsnr_min, "sigmoid_bias": base.ul.sigmoid_bias},
         "clips": paths, "ul": [], "kl_vae": [], "codecs": []}
 
-    def point(label: str, extra: list[str]) -> dict:
-        export = refine_run(args.refine_config, train_run(args.config, [*overrides, *extra], train_data, runs, label,
-                                                          data_sha), refine, train_data, user_overrides)
+    # Training runs as subprocesses, up to --parallel at once, each with its share of the CPU threads
+    # (or all of them when alone); measurements follow, one at a time, in this process.
+    env = dict(os.environ)
+    if args.parallel > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
+    points = [("ul", "loss_factor", c, f"ul_lf{c:g}", ["--ul.model=unified", f"--ul.loss_factor={c}"]) for c in factors]
+    points += [("kl_vae", "kl_weight", b, f"klvae_b{b:g}", ["--ul.model=kl_vae", f"--ul.kl_weight={b}"]) for b in betas]
+
+    def trained(pt) -> Path:
+        return refine_run(args.refine_config, train_run(args.config, [*overrides, *pt[4]], train_data, runs, pt[3],
+                                                         data_sha, env), refine, train_data, user_overrides, env)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        exports = list(pool.map(trained, points))
+    for (kind, key, value, _, _), export in zip(points, exports):
         row = measure(export, clips, dsteps, args.sampler, args.batch, export.parent)
-        row = {"export": str(export.relative_to(ROOT) if export.is_relative_to(ROOT) else export), **row}
+        row = {key: value, "export": str(export.relative_to(ROOT) if export.is_relative_to(ROOT) else export), **row}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "per_clip"}),
               flush=True)
-        return row
-
-    for c in factors:
-        result["ul"].append({"loss_factor": c, **point(f"ul_lf{c:g}", ["--ul.model=unified", f"--ul.loss_factor={c}"])})
-    for b in betas:
-        result["kl_vae"].append({"kl_weight": b, **point(f"klvae_b{b:g}", ["--ul.model=kl_vae", f"--ul.kl_weight={b}"])})
-    crfs = [int(c) for c in args.crfs.split(",") if c]
+        result[kind].append(row)
+    crfs = [int(c) for c in args.crfs.split(",") if c] if args.crfs is not None else list(q.get("crfs", CRFS))
     for codec in ("libx264", "libx265") if crfs else ():
         recs = crf_sweep(list(clips), codec, crfs)
         result["codecs"].append({"codec": codec, "records": [{k: r[k] for k in (
