@@ -130,6 +130,9 @@ def test_truncated_or_missing_export_files(capsys, env, work):
             "export config not found")
     refused(capsys, env, ["decode", "--export", work / "none.safetensors", "--input", env["z"], "--out", work / "x.mp4"],
             "export weights not found")
+    for empty in ("", "."):  # Path("").with_suffix raised ValueError inside the loader
+        refused(capsys, env, ["encode", "--export", empty, "--input", env["clip"], "--out", work / "z.safetensors"],
+                f"export path {empty!r} names no file")
 
 
 def test_bad_base_export(capsys, env, work):

@@ -51,9 +51,11 @@ def video_outputs(out: str | os.PathLike) -> list[Path]:
 
 def export_files(path: str | os.PathLike | None) -> list[Path]:
     """An export's two files (weights and config), as inputs."""
-    if not path:
+    from ulvideo.exports import export_path
+
+    if path is None:
         return []
-    p = Path(path).with_suffix(".safetensors")
+    p = export_path(path)
     return [p, p.with_suffix(".json")]
 
 

@@ -103,11 +103,18 @@ def link_export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+def export_path(path: str | os.PathLike) -> Path:
+    """The weights file of an export named by either of its files or its stem (NAME.safetensors)."""
+    shown, path = os.fspath(path), Path(path)
+    if not shown.strip() or path.name in ("", ".", ".."):
+        raise ExportError(f"export path {shown!r} names no file (give RUN/exports/latest.safetensors, written by "
+                          "`ulvideo train CONFIG --run-dir RUN`)")
+    return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+
+
 def load_export(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dict[str, torch.Tensor], Config, dict]:
     """(weights, config, meta) of an export; a clear error when either file is missing or broken."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
+    path = export_path(path)
     side = path.with_suffix(".json")
     if not path.is_file():
         raise ExportError(f"export weights not found: {path} (a training run writes its exports to "
