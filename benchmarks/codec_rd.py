@@ -27,7 +27,13 @@ One clip, one CRF (`rd_point`):
   x265 gets `ctu=32` by default: with its default 64x64 CTU, x265 4.2 gave streams whose size
   differs from run to run by up to 3 % on 64x64 clips, whatever its threading; with 32x32 CTUs
   the 64x64 streams were identical (3 runs over the 27 real64 test clips at 3 CRFs) and 1-3 %
-  smaller at the same PSNR (+-0.1 dB). 32x32 clips still vary, with either CTU size.
+  smaller at the same PSNR (+-0.1 dB). 32x32 clips still vary with ctu=32 (ctu=16: identical in 3 runs).
+  Clips narrower than 50 pixels are coded with x265's C primitives (`asm=0`): its lookahead
+  works on the half-size frame in 8x8 blocks, and its SIMD `mbtree_propagate_cost` (x265 4.3)
+  writes past its one-row buffer when a row has fewer than 4 blocks (valgrind: 32 and 48 wide,
+  not 56, 64 or 80; 64 high x 48 wide too). That heap corruption aborted 18 of 20 CRF sweeps
+  on 48x48 clips. The C primitives are the reference the SIMD ones reproduce: on 64x64 clips
+  both gave identical streams (33 test clips x 4 CRFs, 132 of 132 encodes).
 * Bits: 8 x the sum of the sizes of the packets that are decoded. Packets are Annex-B access
   units (start codes, SPS/PPS and for HEVC the VPS included); there is no container overhead.
   The encoders' informational SEI messages are removed first (x264 writes its version and full
@@ -65,6 +71,7 @@ CODECS = {"libx264": "h264", "libx264rgb": "h264", "libx265": "hevc"}  # encoder
 SEI_TYPES = {"h264": {6}, "hevc": {39, 40}}  # SEI NAL unit types (prefix and suffix for HEVC)
 COLOUR = {"src_colorspace": "ITU601", "dst_colorspace": "ITU601"}  # the matrix, both ways
 X265_DEFAULT_PARAMS = "ctu=32"
+X265_SIMD_MIN_BLOCKS = 4  # lookahead blocks per row x265's SIMD cu-tree primitive needs (see above)
 FPS = 25  # the stream's nominal frame rate
 KEYINT = 250  # maximum GOP length (both encoders' default): a short clip is one GOP
 
@@ -150,9 +157,14 @@ def format_roundtrip(frames: np.ndarray, pix_fmt: str = "yuv420p") -> np.ndarray
     return np.stack([frame_to_rgb(rgb_to_codec_frame(f, pix_fmt)) for f in frames])
 
 
-def encoder_options(codec: str, crf: float | None = 23, *, qp: int | None = None, preset: str = "medium",
-                    x265_params: str = X265_DEFAULT_PARAMS, keep_sei: bool = False) -> dict:
-    """The FFmpeg options `encode` opens the encoder with."""
+def x265_lookahead_blocks(width: int) -> int:
+    """8x8 blocks per row of x265's lookahead, which works on the half-size frame."""
+    return (width // 2 + 7) // 8
+
+
+def encoder_options(codec: str, crf: float | None = 23, *, width: int, qp: int | None = None,
+                    preset: str = "medium", x265_params: str = X265_DEFAULT_PARAMS, keep_sei: bool = False) -> dict:
+    """The FFmpeg options `encode` opens the encoder with, for frames `width` pixels wide."""
     opts = {"preset": preset}
     if qp is not None:
         opts["qp"] = str(qp)
@@ -161,8 +173,10 @@ def encoder_options(codec: str, crf: float | None = 23, *, qp: int | None = None
     if codec.startswith("libx264"):
         opts["x264-params"] = X264_THREADS
     if codec == "libx265":  # quiet, no info SEI, no thread pool
+        narrow = x265_lookahead_blocks(width) < X265_SIMD_MIN_BLOCKS  # C primitives: same stream, no overflow
         opts["x265-params"] = ":".join(p for p in ("log-level=error", "pools=none", "frame-threads=1",
-                                                    "" if keep_sei else "info=0", x265_params) if p)
+                                                    "" if keep_sei else "info=0", "asm=0" if narrow else "",
+                                                    x265_params) if p)
     return opts
 
 
@@ -178,7 +192,8 @@ def encode(frames, codec: str = "libx264", crf: float | None = 23, *, qp: int | 
     ctx.time_base, ctx.framerate = Fraction(1, FPS), Fraction(FPS)
     ctx.gop_size = KEYINT
     ctx.thread_count = 1
-    opts = encoder_options(codec, crf, qp=qp, preset=preset, x265_params=x265_params, keep_sei=keep_sei)
+    opts = encoder_options(codec, crf, width=frames.shape[2], qp=qp, preset=preset, x265_params=x265_params,
+                           keep_sei=keep_sei)
     ctx.options = opts
     packets = []
     for i, f in enumerate(frames):
