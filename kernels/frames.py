@@ -28,12 +28,17 @@ import torch.nn.functional as F
 KEY_CHUNK = 2048
 
 
-def frame_ranges(nq: int, nk: int, causal_block: int, window: int | None) -> list[tuple[int, int, int, int]]:
+def frame_ranges(nq: int, nk: int, causal_block: int, window: int | None,
+                 past: int = 0) -> list[tuple[int, int, int, int]]:
     """(query start, query end, key start, key end) per query frame; an empty key range (ks >= ke)
-    only where a frame sees no key at all (a window with more queries than keys)."""
+    only where a frame sees no key at all (a window with more queries than keys). `past`: keys
+    before the first query (a multiple of causal_block), i.e. query frame f is key frame
+    f + past / causal_block (streaming: a chunk's frames after the cached ones)."""
+    if past % causal_block:
+        raise ValueError(f"past = {past} keys is not a whole number of {causal_block}-token frames")
     out = []
     for qs in range(0, nq, causal_block):
-        f = qs // causal_block
+        f = (qs + past) // causal_block
         ks = 0 if window is None else min(nk, max(0, f - window + 1) * causal_block)
         out.append((qs, min(nq, qs + causal_block), ks, min(nk, (f + 1) * causal_block)))
     return out
@@ -75,11 +80,12 @@ class _FramesCPU(torch.autograd.Function):
 
 
 def frames_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_block: int,
-                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
+                     window: int | None = None, scale: float | None = None, past: int = 0) -> torch.Tensor:
     """Block-causal (banded with `window`) attention over (B, heads, N, head_dim) tensors, top-left
-    aligned as `ulvideo.attention.attention(causal=True, ...)`; rows with no key give 0."""
+    aligned as `ulvideo.attention.attention(causal=True, ...)`, or with `past` keys before the first
+    query (see `frame_ranges`); rows with no key give 0."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    ranges = frame_ranges(q.shape[-2], k.shape[-2], causal_block, window)
+    ranges = frame_ranges(q.shape[-2], k.shape[-2], causal_block, window, past)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return _FramesCPU.apply(q, k, v, ranges, scale)
     outs = [F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], scale=scale)

@@ -195,6 +195,33 @@ def test_auto_long_block_causal_matches_dense_sdpa(monkeypatch, causal_block, wi
         torch.testing.assert_close(a.grad, r.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("frame_tokens,window", [(64, None), (64, 5), (64, 40), (32, None)])
+def test_streamed_frames_match_their_rows_of_the_dense_mask(monkeypatch, caplog, frame_tokens, window):
+    """Queries that are the last frames of the keys (a streamed chunk after cached frames), past
+    the dense-mask limit: SDPA per frame with the keys' offset (frames of >= MIN_FRAME_TOKENS
+    tokens; else the chunked kernel with the mask) equals SDPA given `frame_causal_mask`, values
+    and gradients."""
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    nq, nk = 16 * 64, 70 * 64  # 4.6M mask elements: past the limit
+    assert nq * nk > attn_mod.DENSE_MASK_LIMIT
+    q, k, v = _qkv(b=1, h=1, nq=nq, nk=nk, d=8, seed=4)
+    inp = [t.clone().requires_grad_() for t in (q, k, v)]
+    with caplog.at_level(logging.INFO, logger="ulvideo.attention"):
+        attn_mod._logged.clear()
+        out = attn_mod.trailing_frames_attention(*inp, frame_tokens, window)
+    per_frame = "streamed frames, one SDPA call per frame" in caplog.text
+    assert per_frame == (frame_tokens >= attn_mod.MIN_FRAME_TOKENS)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    mask = attn_mod.frame_causal_mask(nq, nk, frame_tokens, window=window)
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    out.backward(g)
+    ref.backward(g)
+    for a, r in zip(inp, ref_in):
+        torch.testing.assert_close(a.grad, r.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_inputs_raise():
     q, k, v = _qkv()
     with pytest.raises(ValueError):

@@ -56,6 +56,7 @@ __all__ = [
     "block_causal_mask",
     "check_window",
     "frame_causal_mask",
+    "trailing_frames_attention",
     "get_backend",
     "key_padding_mask",
     "resolve_backend",
@@ -237,6 +238,29 @@ def resolve_backend(q, k, mask=None, causal=False, causal_block=1, backend=None,
         if causal_block >= MIN_FRAME_TOKENS:
             return "sdpa", reason + past + "; one SDPA call per frame"
     return "chunked", reason + past
+
+
+def trailing_frames_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int,
+                              window: int | None = None) -> torch.Tensor:
+    """Block-causal attention of queries that are the last Nq tokens of the keys' sequence (a
+    streamed chunk's frames against the cached earlier frames and their own; the mask is
+    `frame_causal_mask(Nq, Nk, frame_tokens, window)`). Under auto, past the dense-mask limit and
+    with frames of at least `MIN_FRAME_TOKENS` tokens, one SDPA call per query frame over its
+    contiguous key range, as for the one-pass block-causal mask; otherwise `attention` with that
+    mask (and whatever backend it is asked for)."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    past = nk - nq
+    dense = nq * nk
+    if (get_backend() == "auto" and dense > DENSE_MASK_LIMIT and frame_tokens >= MIN_FRAME_TOKENS
+            and past >= 0 and past % frame_tokens == 0 and nq % frame_tokens == 0):
+        from ulvideo.kernels.frames import frames_attention
+
+        check_window(window)
+        if not torch.compiler.is_compiling():
+            _log_once("sdpa", q.device, f"auto: a dense mask would have {dense} > {DENSE_MASK_LIMIT} elements; "
+                                        "streamed frames, one SDPA call per frame")
+        return frames_attention(q, k, v, causal_block=frame_tokens, window=window, past=past)
+    return attention(q, k, v, mask=frame_causal_mask(nq, nk, frame_tokens, q.device, window))
 
 
 def _log_once(name: str, device: torch.device, reason: str) -> None:

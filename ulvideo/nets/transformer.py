@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ulvideo.attention import attention, block_causal_mask, check_window, frame_causal_mask, key_padding_mask
+from ulvideo.attention import (attention, block_causal_mask, check_window, key_padding_mask,
+                               trailing_frames_attention)
 from ulvideo.config import BaseConfig
 from ulvideo.nets.layers import CausalCache, LogSNREmbedding, batch_logsnr, sincos_3d
 from ulvideo.nets.sizes import resolve_transformer
@@ -107,8 +108,8 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_to
     for a in range(0, frames, query_frames):
         b, k0 = min(frames, a + query_frames), max(0, a - window + 1)
         keys = slice(k0 * frame_tokens, b * frame_tokens)
-        mask = frame_causal_mask((b - a) * frame_tokens, (b - k0) * frame_tokens, frame_tokens, q.device, window)
-        outs.append(attention(q[:, :, a * frame_tokens:b * frame_tokens], k[:, :, keys], v[:, :, keys], mask=mask))
+        outs.append(trailing_frames_attention(q[:, :, a * frame_tokens:b * frame_tokens], k[:, :, keys], v[:, :, keys],
+                                              frame_tokens, window))
     return torch.cat(outs, dim=2)
 
 
@@ -208,8 +209,7 @@ class TransformerBlock(nn.Module):
             # the evicted part is freed with this call's kv)
             keep = kv[:, :, :, kv.shape[3] - (window - 1) * frame_tokens:].clone()
         self.stream.put(self, keep)
-        mask = frame_causal_mask(q.shape[2], kv.shape[3], frame_tokens, q.device, window)
-        return attn.output(attention(q, kv[0], kv[1], mask=mask))
+        return attn.output(trailing_frames_attention(q, kv[0], kv[1], frame_tokens, window))
 
 
 class LatentTransformer(nn.Module):
