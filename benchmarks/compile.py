@@ -9,7 +9,8 @@ round by round, so that load from other processes on a shared machine falls on e
 alike. Configs: `configs/ul/tiny.yaml` on 9x32x32 shapes clips (batch 8), and
 `configs/base/tiny.yaml` on their latents under a freshly initialised tiny stage-1 export (made
 here: stage 2 needs one; the base model's speed does not depend on its weights) with cached MiniLM
-text embeddings (batch 32). Variants:
+text embeddings (batch 32); `stage1_real48` (not run by default) is `configs/ul/real_48.yaml`
+(9x48x48 crops, batch 8) on 64x64 shapes clips. Variants:
   eager         train.compile false
   static        train.compile true (static shapes, what the project uses)
   dynamic       train.compile with dynamic=True forced in the worker (one graph for every shape)
@@ -104,6 +105,9 @@ def prepare_runs(tmp: Path) -> dict[str, tuple[str, list[str]]]:
     data, latents = tmp / "shapes", tmp / "latents"
     subprocess.run([*py, "data", "synth", "--out", str(data), "--num", "32", "--seed", "0"], cwd=ROOT, check=True,
                    capture_output=True)
+    data64 = tmp / "shapes64"  # the real-footage recipe's clip shape (its speed does not depend on content)
+    subprocess.run([*py, "data", "synth", "--out", str(data64), "--num", "32", "--seed", "0", "--size", "64"], cwd=ROOT,
+                   check=True, capture_output=True)
     s1 = load_config(ROOT / "configs/ul/tiny.yaml", [f"--data.path={data}"])
     torch.manual_seed(0)
     export = save_export(tmp / "stage1", UnifiedLatents(s1).state_dict(), s1, {"stage": "ul", "step": 0})
@@ -111,7 +115,8 @@ def prepare_runs(tmp: Path) -> dict[str, tuple[str, list[str]]]:
                     "--text-encoder", "minilm"], cwd=ROOT, check=True, capture_output=True)
     quiet = ["--eval.every=0", "--train.log_every=1000000", "--train.ckpt_every=1000000", "--data.heldout_fraction=0.0"]
     return {"stage1_tiny": ("configs/ul/tiny.yaml", [f"--data.path={data}", "--data.num_workers=0", *quiet]),
-            "base_tiny": ("configs/base/tiny.yaml", [f"--data.path={latents}", f"--base.stage1_export={export}", *quiet])}
+            "base_tiny": ("configs/base/tiny.yaml", [f"--data.path={latents}", f"--base.stage1_export={export}", *quiet]),
+            "stage1_real48": ("configs/ul/real_48.yaml", [f"--data.path={data64}", "--data.num_workers=0", *quiet])}
 
 
 def main() -> None:
