@@ -264,9 +264,15 @@ def written(run_dir: Path, cfg) -> list[str]:
     if samples:
         out.append(f"reconstructions: {samples[-1]} (recon_sheet.png: held-out inputs above their reconstructions)")
     if cfg.stage in ("ul", "prior"):  # both leave a stage-1 export
-        latents = cfg.data.path.rstrip("/") + "_latents"
-        out.append(f"next: ulvideo encode --export {export} --data {cfg.data.path} --out {latents} && ulvideo train "
-                   f"configs/base/tiny.yaml --run-dir {run_dir}_base --base.stage1_export={export} --data.path={latents}")
+        base = f"ulvideo train configs/base/tiny.yaml --run-dir {run_dir}_base --base.stage1_export={export}"
+        top = Path(cfg.data.path)
+        if cfg.data.kind == "latents" or (cfg.data.kind == "auto" and top.is_dir() and any(top.glob("*.safetensors"))):
+            # trained on latent shards (stage prior): the refined export's encoder is theirs
+            out.append(f"next: {base} --data.path={cfg.data.path}")
+        else:
+            latents = cfg.data.path.rstrip("/") + "_latents"
+            out.append(f"next: ulvideo encode --export {export} --data {cfg.data.path} --out {latents} && {base} "
+                       f"--data.path={latents}")
     else:
         what = "--label 0" if cfg.base.num_classes else "--context VIDEO" if cfg.base.context_frames else '--prompt "..."'
         out.append(f"next: ulvideo generate --export {cfg.base.stage1_export} --base {export} {what} --out clip.mp4")
