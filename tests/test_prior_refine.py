@@ -108,3 +108,37 @@ def test_an_export_lost_after_its_checkpoint_is_rewritten_whole(refined, tmp_pat
     assert set(got[0]) == set(want[0]) and all(torch.equal(got[0][k], want[0][k]) for k in want[0])
     assert got[1] == want[1] and got[2]["stage"] == "ul" and got[2]["prior_refine_steps"] == 40
     load_stage1(copy / "exports" / "latest.safetensors")
+
+
+def test_rate_tightness_reproduces_the_base_models_own_evaluation(refined, tmp_path):
+    """benchmarks/rate_tightness.py: for the stage-1 export a base model was trained on, the same
+    numbers as that run's logged held-out evaluation; for its refinement the same base ELBO (the
+    latents are the same) and that prior's own bits; an export with another encoder is refused."""
+    import sys
+
+    sys.path.append(str(ROOT / "benchmarks"))
+    import rate_tightness
+
+    export, run, _, _ = refined
+    latents, base_run = tmp_path / "latents", tmp_path / "base"
+    run_ulvideo("encode", "--export", export, "--data", refined[0].parent / "train", "--out", latents)
+    run_ulvideo("train", "configs/base/tiny.yaml", "--run-dir", base_run, f"--base.stage1_export={export}",
+                f"--data.path={latents}", "--train.steps=2", "--eval.every=2", "--data.heldout_fraction=0.25",
+                "--base.text_encoder=none", *TRAIN)
+    [logged] = [r for r in map(json.loads, (base_run / "metrics.jsonl").read_text().splitlines())
+                if "eval/null_over_prior" in r]
+    source, refinement = rate_tightness.main(["--base", str(base_run / "exports" / "latest.safetensors"), "--stage1",
+                                              str(export), str(run / "exports" / "latest.safetensors"),
+                                              "--data", str(latents)])["rows"]
+    for k in ("stage1_prior_bits_per_clip", "base_elbo_null_bits_per_clip", "null_over_prior"):
+        assert source[k] == pytest.approx(logged[f"eval/{k}"], rel=1e-5)  # the log keeps 6 digits
+    assert refinement["base_elbo_null_bits_per_clip"] == source["base_elbo_null_bits_per_clip"]
+    assert refinement["prior_refine_steps"] == 40
+    assert refinement["stage1_prior_bits_per_clip"] != source["stage1_prior_bits_per_clip"]
+    torch.manual_seed(1)
+    cfg = load_config(ROOT / "configs/ul/tiny.yaml", SMALL)
+    other = save_export(tmp_path / "other", UnifiedLatents(cfg).state_dict(), cfg,
+                        {"stage": "ul", "step": 0, "latent_logsnr": 5.0, "prior_logsnr_min": -10.0})
+    with pytest.raises(SystemExit, match="another encoder"):
+        rate_tightness.main(["--base", str(base_run / "exports" / "latest.safetensors"), "--stage1", str(export),
+                             str(other), "--data", str(latents)])
