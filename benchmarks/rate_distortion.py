@@ -222,6 +222,12 @@ def codec_bpp_at(psnr_db: float, codec: list[dict]) -> float | None:
     return math.exp(float(np.interp(psnr_db, ps, [b for _, b in pts])))
 
 
+def beaten_by(point: dict, codec: list[dict]) -> list[int]:
+    """The codec's CRFs with a higher PSNR at no more bits per pixel than `point` (where the
+    equal-PSNR ratio has no value: `point` below the codec's PSNR range)."""
+    return [r["crf"] for r in codec if r["psnr"] > point["psnr"] and r["bpp"] <= point["bpp"]]
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -350,7 +356,8 @@ def main(argv=None) -> dict:
         ref = codec_bpp_at(r["psnr"], x265)
         summary["ul_over_x265_bits_at_equal_psnr"].append(
             {"loss_factor": r["loss_factor"], "psnr": round(r["psnr"], 3), "x265_bpp": ref,
-             "ratio": None if ref is None else round(r["bpp"] / ref, 4)})
+             "ratio": None if ref is None else round(r["bpp"] / ref, 4),
+             "x265_crfs_with_more_psnr_at_fewer_bits": beaten_by(r, x265)})
     result["summary"] = summary
     result["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (

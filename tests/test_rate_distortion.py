@@ -78,6 +78,9 @@ def test_summary_logic():
     d = rd.dominance(ul, vae)
     assert d["per_point"][0]["dominated_by_loss_factors"] == [1.5] and d["per_point"][1]["dominated_by_loss_factors"] == []
     assert d["ul_dominates_kl_vae"] is False
+    x265 = [{"crf": 51, "bpp": 0.04, "psnr": 25.5}, {"crf": 43, "bpp": 0.06, "psnr": 27.0}, {"crf": 38, "bpp": 0.09,
+                                                                                           "psnr": 29.0}]
+    assert rd.beaten_by(ul[0], x265) == [51] and rd.beaten_by(ul[1], x265) == [38]
     codec = [{"bpp": 0.1, "psnr": 24.0}, {"bpp": 0.4, "psnr": 30.0}]
     # log-linear between the two points: at 27 dB, sqrt(0.1 * 0.4) = 0.2
     assert rd.codec_bpp_at(27.0, codec) == pytest.approx(0.2)
