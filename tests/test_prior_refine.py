@@ -8,6 +8,7 @@ import torch
 from conftest import run_ulvideo
 from ulvideo.config import ConfigError, load_config
 from ulvideo.exports import file_sha256, load_export, load_stage1, save_export
+from ulvideo.train.objectives import check_shards_belong
 from ulvideo.ul import UnifiedLatents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +123,8 @@ def test_rate_tightness_reproduces_the_base_models_own_evaluation(refined, tmp_p
     export, run, _, _ = refined
     latents, base_run = tmp_path / "latents", tmp_path / "base"
     run_ulvideo("encode", "--export", export, "--data", refined[0].parent / "train", "--out", latents)
+    # the refinement's encoder is the source's: stage 2 may train on the source's shards with it
+    check_shards_belong(str(latents), str(run / "exports" / "latest.safetensors"), "base.stage1_export")
     run_ulvideo("train", "configs/base/tiny.yaml", "--run-dir", base_run, f"--base.stage1_export={export}",
                 f"--data.path={latents}", "--train.steps=2", "--eval.every=2", "--data.heldout_fraction=0.25",
                 "--base.text_encoder=none", *TRAIN)
@@ -139,6 +142,8 @@ def test_rate_tightness_reproduces_the_base_models_own_evaluation(refined, tmp_p
     cfg = load_config(ROOT / "configs/ul/tiny.yaml", SMALL)
     other = save_export(tmp_path / "other", UnifiedLatents(cfg).state_dict(), cfg,
                         {"stage": "ul", "step": 0, "latent_logsnr": 5.0, "prior_logsnr_min": -10.0})
+    with pytest.raises(ConfigError, match="holds latents of another stage-1 export"):
+        check_shards_belong(str(latents), str(other), "base.stage1_export")
     with pytest.raises(SystemExit, match="another encoder"):
         rate_tightness.main(["--base", str(base_run / "exports" / "latest.safetensors"), "--stage1", str(export),
                              str(other), "--data", str(latents)])

@@ -358,8 +358,11 @@ class PriorRefinement(OnFrozenStageOne):
         full = dict(self._source)
         for k, v in weights.items():
             full[f"prior.{k}"] = v
+        # the encoder is the source's, bit for bit: latents made by the source (or by what it refines) are this
+        # export's latents too (`check_shards_belong`)
+        same = [*self._source_meta.get("same_latents_as_sha256", []), self._source_file[1]]
         meta = {**self._source_meta, "prior_refine_steps": meta["step"], "prior_refined_from": self._source_file[0],
-                "prior_refined_from_sha256": self._source_file[1]}
+                "prior_refined_from_sha256": self._source_file[1], "same_latents_as_sha256": same}
         return full, self.stage1.cfg, meta
 
     @torch.no_grad()
@@ -406,7 +409,9 @@ def check_shards_belong(data_path: str, export: str, key: str) -> None:
         from ulvideo.exports import file_sha256
 
         path = Path(export).with_suffix(".safetensors")
-        if info.get("stage1_sha256") != file_sha256(path):
+        side = path.with_suffix(".json")
+        same = json.loads(side.read_text()).get("meta", {}).get("same_latents_as_sha256", []) if side.is_file() else []
+        if info.get("stage1_sha256") not in (file_sha256(path), *same):  # same: a prior refinement's sources
             raise ConfigError(f"data.path '{data_path}' holds latents of another stage-1 export "
                               f"({info.get('stage1_export')}), not of {key} = {path}")
 
