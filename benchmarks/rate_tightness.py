@@ -25,8 +25,6 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -39,7 +37,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from ulvideo.config import load_config
+    from ulvideo.config import apply_overrides
     from ulvideo.exports import file_sha256, load_export, load_stage1
     from ulvideo.train.objectives import StageTwo
 
@@ -47,7 +45,7 @@ def main(argv=None) -> dict:
     overrides = [f"--data.path={args.data}", f"--base.stage1_export={args.stage1[0]}"]
     if args.clips:
         overrides.append(f"--eval.num_clips={args.clips}")
-    cfg = load_config(_config_file(base_cfg), overrides)
+    cfg = apply_overrides(base_cfg, overrides, "rate_tightness")
     objective = StageTwo(cfg)
     rows, encoder = [], None
     for s1 in args.stage1:
@@ -69,19 +67,6 @@ def main(argv=None) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-def _config_file(cfg) -> Path:
-    """The export's resolved config as a YAML file the loader reads (overrides go on top)."""
-    import tempfile
-
-    import yaml
-
-    from ulvideo.config import to_dict
-
-    f = Path(tempfile.mkdtemp()) / "base.yaml"
-    f.write_text(yaml.safe_dump(to_dict(cfg)))
-    return f
 
 
 if __name__ == "__main__":

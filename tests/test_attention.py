@@ -182,10 +182,15 @@ def test_auto_long_block_causal_matches_dense_sdpa(monkeypatch, causal_block, wi
     q, k, v = _qkv(b=1, h=1, nq=2100, nk=2100, d=8, seed=3)
     kw = {"causal": True, "causal_block": causal_block, "window": window}
     assert resolve_backend(q, k, **kw)[0] == expected
-    inp = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attention(*inp, **kw)
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    mask = block_causal_mask(2100 // causal_block, causal_block, window=window)
+    _assert_equals_masked_sdpa(lambda *t: attention(*t, **kw), (q, k, v),
+                               block_causal_mask(2100 // causal_block, causal_block, window=window))
+
+
+def _assert_equals_masked_sdpa(fn, qkv, mask) -> None:
+    """fn(q, k, v) equals SDPA given the bool `mask`, values and the gradients of q, k, v."""
+    inp = [t.clone().requires_grad_() for t in qkv]
+    out = fn(*inp)
+    ref_in = [t.clone().requires_grad_() for t in qkv]
     ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
@@ -205,21 +210,12 @@ def test_streamed_frames_match_their_rows_of_the_dense_mask(monkeypatch, caplog,
     nq, nk = 16 * 64, 70 * 64  # 4.6M mask elements: past the limit
     assert nq * nk > attn_mod.DENSE_MASK_LIMIT
     q, k, v = _qkv(b=1, h=1, nq=nq, nk=nk, d=8, seed=4)
-    inp = [t.clone().requires_grad_() for t in (q, k, v)]
     with caplog.at_level(logging.INFO, logger="ulvideo.attention"):
         attn_mod._logged.clear()
-        out = attn_mod.trailing_frames_attention(*inp, frame_tokens, window)
+        _assert_equals_masked_sdpa(lambda *t: attn_mod.trailing_frames_attention(*t, frame_tokens, window), (q, k, v),
+                                   attn_mod.frame_causal_mask(nq, nk, frame_tokens, window=window))
     per_frame = "streamed frames, one SDPA call per frame" in caplog.text
     assert per_frame == (frame_tokens >= attn_mod.MIN_FRAME_TOKENS)
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    mask = attn_mod.frame_causal_mask(nq, nk, frame_tokens, window=window)
-    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=mask)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
-    out.backward(g)
-    ref.backward(g)
-    for a, r in zip(inp, ref_in):
-        torch.testing.assert_close(a.grad, r.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_bad_inputs_raise():

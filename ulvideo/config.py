@@ -401,8 +401,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if path is not None:
         for data, source in _read_yaml(Path(path)):
             cfg = merge(cfg, data, source)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], where: str = "command line") -> Config:
+    """`cfg` with `--section.key=value` flags applied on top, validated."""
     for flag in overrides:
-        cfg = merge(cfg, parse_override(flag), f"command line '{flag}'")
+        cfg = merge(cfg, parse_override(flag), f"{where} '{flag}'")
     validate(cfg)
     return cfg
 

@@ -406,9 +406,9 @@ def check_shards_belong(data_path: str, export: str, key: str) -> None:
     """Latent shards (`ulvideo encode --data`) must come from the stage-1 export the run names."""
     info = shard_encoding(data_path)
     if info is not None:
-        from ulvideo.exports import file_sha256
+        from ulvideo.exports import export_path, file_sha256
 
-        path = Path(export).with_suffix(".safetensors")
+        path = export_path(export)
         side = path.with_suffix(".json")
         same = json.loads(side.read_text()).get("meta", {}).get("same_latents_as_sha256", []) if side.is_file() else []
         if info.get("stage1_sha256") not in (file_sha256(path), *same):  # same: a prior refinement's sources
